@@ -20,8 +20,9 @@ import pytest
 
 from srpo_nb.data import format_question, generate_problems
 from srpo_nb.format import parse_completion
+from srpo_nb.models import VLLMGenerator, make_generator
 from srpo_nb.reflection_data import (OpenAITeacher, ReflectionDataConfig, ReflectionRequest, TeacherError,
-                                     VLLMGenerator, Journal, build_reflection_data, load_sft_dataset, make_generator)
+                                     Journal, build_reflection_data, load_sft_dataset)
 
 KEY_ENV = "SRPO_TEST_TEACHER_KEY"
 SENTINEL = "sk-srpo-SENTINEL-" + os.urandom(6).hex()
