@@ -1,5 +1,6 @@
 """Foundation checks that span files: the README's commands are what CI runs, the console script works,
 and the tiny model with the real Qwen2 vocabulary goes through the same load/generate path."""
+import json
 import os
 import re
 import subprocess
@@ -29,9 +30,13 @@ def test_readme_commands_are_what_ci_runs():
 def test_srpo_console_script(tmp_path):
     env = dict(os.environ, SRPO_NB_HOME=str(tmp_path))
     exe = Path(sys.executable).with_name("srpo")
-    out = subprocess.run([str(exe), "demo", "--max_new_tokens", "8"], env=env, capture_output=True, text=True, timeout=300)
+    run = tmp_path / "demo"
+    out = subprocess.run([str(exe), "demo", "--max-new-tokens", "8", "--sft-steps", "2", "--grpo-steps", "1",
+                          "--out-dir", str(run)], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "question" in out.stdout and "format ok" in out.stdout
+    assert "question" in out.stdout and "format ok" in out.stdout and "Stage 2: GRPO" in out.stdout
+    rec = json.loads((run / "demo.json").read_text())
+    assert rec["sft"]["steps"] == 2 and rec["grpo"]["steps"] == 1 and rec["reflection_data"]["rows"] > 0
     assert (tmp_path / "models" / "tiny-qwen25vl-small-seed0" / "config.json").exists()
     bad = subprocess.run([str(exe), "nonsense"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown subcommand" in bad.stderr
