@@ -455,6 +455,8 @@ class RewardConfig(Config):
         if set(self.effectiveness) != set(TRANSITIONS): raise ValueError(f"effectiveness needs exactly the keys {list(TRANSITIONS)}, got {sorted(self.effectiveness)}")
         if set(self.code_accuracy) != set(TRANSITIONS) | {"single"}: raise ValueError(f"code_accuracy needs exactly the keys {list(TRANSITIONS) + ['single']}, got {sorted(self.code_accuracy)}")
         if not self.max_ratio > self.target_ratio > 0: raise ValueError(f"need max_ratio > target_ratio > 0, got {self.max_ratio}, {self.target_ratio}")
+        if not self.alpha >= 0: raise ValueError(f"alpha must be >= 0 (the weight of f_len), got {self.alpha}")
+        if not self.verify_timeout > 0: raise ValueError(f"verify_timeout must be > 0 seconds, got {self.verify_timeout}")
 
     def check_kwargs(self) -> dict:
         "The answer checker's options, for `grade_answer`."
