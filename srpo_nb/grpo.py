@@ -73,6 +73,7 @@ class GRPOTrainConfig(Config):
     max_grad_norm: float = 1.0
     epsilon: float = 0.2              # ε, PPO clip range
     beta: float = 0.0                 # β, KL coefficient (0 in the released scripts; > 0 = k3 KL to the initial policy)
+    kl_bias_correction: bool = False  # β > 0: multiply the k3 term by the ratio r (TRL's default); False = the paper's plain k3
     loss_type: str = "grpo"           # TRL loss normalisation: "grpo" (per-sequence mean, the paper's formula), "dapo", "dr_grpo", "bnpo"
     scale_rewards: str = "group"      # A = (r - mean)/(std + eps) per group (paper; TRL's eps is 1e-4, the paper's 1e-9); "batch" or "none"
     temperature: float = 1.0
@@ -172,7 +173,8 @@ def trl_args(config: GRPOTrainConfig, n_processes: Optional[int] = None, reward_
         learning_rate=config.learning_rate, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
         weight_decay=config.weight_decay, lr_scheduler_type=config.lr_scheduler, lr_scheduler_kwargs=sched_kwargs,
         warmup_steps=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
-        epsilon=config.epsilon, beta=config.beta, loss_type=config.loss_type, scale_rewards=config.scale_rewards,
+        epsilon=config.epsilon, beta=config.beta, use_bias_correction_kl=config.kl_bias_correction,
+        loss_type=config.loss_type, scale_rewards=config.scale_rewards,
         temperature=config.temperature, max_completion_length=config.max_completion_length,
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
         bf16=bf16, gradient_checkpointing=config.gradient_checkpointing,

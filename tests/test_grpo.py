@@ -165,6 +165,15 @@ def test_resume_restores_step_optimizer_and_weights(tiny_path, tmp_path, lora):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[n], sb[n]) for n in sa)
     if lora:   # only adapter weights train
         assert all("lora_" in n for n in _tensors(a))
+    else:      # full fine-tune: every language-model weight trains; the vision tower and projector are frozen (paper)
+        params = dict(straight.trainer.model.named_parameters())
+        vision = [n for n in params if ".visual." in n or n.startswith("visual.")]
+        assert vision and any("merger" in n for n in vision)
+        assert not any(params[n].requires_grad for n in vision)
+        assert all(p.requires_grad for n, p in params.items() if n not in vision)
+        init = load_policy(tiny_path, device="cpu")[0].state_dict()
+        assert all(torch.equal(sa[n], init[n]) for n in vision)
+        assert any(not torch.equal(sa[n], init[n]) for n in sa if n not in vision)
     # metrics.jsonl continues across the restart, and every step saw the same samples and rewards
     assert [m["step"] for m in resumed.metrics if "reward" in m] == list(range(1, K + 1))
     assert rewards(straight) == rewards(resumed)
