@@ -1,7 +1,17 @@
-"""Shared pytest fixtures: a tiny Qwen2.5-VL built once per session in a temporary folder."""
+"""Shared pytest settings: offline hub, one torch thread per process."""
 import os
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    "The tiny model's matrices are too small to split: one thread is faster, ~10x so when other jobs share the cores."
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -28,16 +28,6 @@ KEY_ENV = "SRPO_TEST_TEACHER_KEY"
 SENTINEL = "sk-srpo-SENTINEL-" + os.urandom(6).hex()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    "The tiny model is faster on one thread (and far faster when other jobs share the cores)."
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
     from srpo_nb.models import build_tiny_qwen25vl

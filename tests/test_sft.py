@@ -17,15 +17,6 @@ from srpo_nb.sft import (SFTConfig, build_sft_trainer, check_sft_rows, demo_sft_
 TAG = re.compile(r"</?(?:think|answer|reflection)>")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the tiny model's ops are too small to split; on a shared 2-core box two threads are ~10x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return build_tiny_qwen25vl(tmp_path_factory.mktemp("sft") / "tiny")
