@@ -146,11 +146,11 @@ def main():
               "train_s": round(train_s, 1), "filter_totals": res.filter_totals}
     (out / "grpo_gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
     print(json.dumps(report, indent=1))
-    print("\nBENCHMARKS.md row:\n| GRPO step, Qwen2.5-VL-3B random init, LoRA r={r} | {dev} | G={G}, {n} responses/step, "
-          "≤{L} new tokens, bf16, grad ckpt, HF generate | {s:.2f} s/step | {t:.0f} tok/s ({c:.0f} completion tok/s) | "
-          "{m} GiB peak |".format(r=a.lora_r, dev=report["device"], G=G, n=P * G, L=a.max_completion_length, s=s_step,
-                                 t=tok_s, c=comp_s, m=report["peak_gpu_mem_GiB"]))
-
+    setup = "bf16, grad ckpt" if device == "cuda" else "fp32, CPU smoke run"
+    mem = f"{report['peak_gpu_mem_GiB']} GiB peak" if peak is not None else "no GPU memory figure"
+    print(f"\nBENCHMARKS.md row:\n| GRPO step, Qwen2.5-VL-{a.size} random init, LoRA r={a.lora_r} | {report['device']} | "
+          f"G={G}, {P * G} responses/step, ≤{a.max_completion_length} new tokens, {setup}, HF generate | "
+          f"{s_step:.2f} s/step | {tok_s:.0f} tok/s ({comp_s:.0f} completion tok/s) | {mem} |")
 
 if __name__ == "__main__":
     main()
