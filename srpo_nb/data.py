@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -42,7 +43,7 @@ __all__ = ['logger', 'ANSWER_TYPES', 'LETTERS', 'PROBLEM_COLUMNS', 'SYNTHETIC_SO
            'plot_problems', 'write_problem_set', 'shipped_problems', 'RowError', 'ImageRootError', 'LoadReport',
            'strip_image_tokens', 'strip_math_delimiters', 'infer_answer_type', 'split_inline_choices', 'map_virl39k',
            'map_mmk12', 'map_geometry3k', 'map_llava_cot', 'map_mulberry', 'HubSchema', 'iter_hub_problems',
-           'load_hub_problems', 'answer_kind', 'FilterReport', 'filter_answerable']
+           'load_hub_problems', 'answer_kind', 'FilterReport', 'filter_answerable', 'load_problem_source']
 
 # %% ../nbs/02_data.ipynb #15d57047
 ANSWER_TYPES = ("choice", "integer", "float", "expression", "text")
@@ -958,3 +959,21 @@ def filter_answerable(problems: Iterable[Problem], allow: Iterable[str] = ("lett
         ids = rep.dropped_ids.setdefault(reason, [])
         if len(ids) < 5: ids.append(p.id)
     return kept, rep
+
+# %% ../nbs/02_data.ipynb #c6e09de6
+def load_problem_source(source: str, split: str = "train", limit: Optional[int] = None, seed: int = 0,
+                        on_error: str = "skip") -> list[Problem]:
+    "Problems from 'shipped', 'generated', a .parquet file or a hub dataset id; at most `limit` of them."
+    if not isinstance(source, (str, os.PathLike)) or not str(source):
+        raise ValueError(f"problem source must be 'shipped', 'generated', a .parquet path or a hub id, got {source!r}")
+    source = str(source)
+    if source == "shipped": problems = shipped_problems(split)
+    elif source == "generated":
+        if not limit: raise ValueError("the 'generated' problem source needs a limit (how many problems to draw)")
+        problems = generate_problems(limit, seed=seed)
+    elif source.endswith(".parquet") or Path(source).exists():
+        if not Path(source).exists(): raise FileNotFoundError(f"problem file not found: {source}")
+        problems = load_problems(source)
+    else:
+        problems, report = load_hub_problems(source, split=split, limit=limit, on_error=on_error)
+    return problems[:limit] if limit else problems

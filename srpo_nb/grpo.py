@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
 
 from .core import Config, check_choice, has_cuda, is_installed, optional_import, seed_everything
-from .data import (Problem, format_question, generate_problems, load_hub_problems, load_problems,
-                          shipped_problems)
+from .data import Problem, format_question, load_problem_source
 from .format import RL_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, make_messages
 from .models import load_policy, resolve_dtype, resolve_model, trainable_parameter_names
 from .rewards import TRANSITIONS, VARIANTS, RewardConfig, make_reward_funcs, reward_weights
@@ -218,18 +217,8 @@ def grpo_dataset(problems: Sequence[Problem], system_prompt: Optional[str] = RL_
 
 # %% ../nbs/08_grpo.ipynb #d3b4afc2
 def load_grpo_problems(config: GRPOTrainConfig) -> list[Problem]:
-    "The problems `config.data` names, cut to `config.max_problems`."
-    d, n = config.data, config.max_problems
-    if d == "shipped": problems = shipped_problems(config.data_split)
-    elif d == "generated":
-        if not n: raise ValueError("data='generated' needs max_problems (how many to generate)")
-        problems = generate_problems(n, seed=config.seed)
-    elif d.endswith(".parquet") or Path(d).exists():
-        if not Path(d).exists(): raise FileNotFoundError(f"problem file not found: {d}")
-        problems = load_problems(d)
-    else:
-        problems, _ = load_hub_problems(d, split=config.data_split, limit=n, on_error="skip")
-    return problems[:n] if n else problems
+    "The problems `config.data` names (srpo_nb.data.load_problem_source), cut to `config.max_problems`."
+    return load_problem_source(config.data, split=config.data_split, limit=config.max_problems, seed=config.seed)
 
 # %% ../nbs/08_grpo.ipynb #d0bcacc1
 REWARD_COMPONENTS = {

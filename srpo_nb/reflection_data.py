@@ -647,9 +647,9 @@ TEACHERS = ("openai", "template")
 @dataclass
 class ReflectionDataConfig(Config):
     # problems
-    problems: Optional[str] = "data/problems/train.parquet"  # parquet of Problem rows (srpo_nb.data); None = generate
+    problems: str = "shipped"            # 'shipped' (data/problems train), 'generated', a .parquet or a hub id (srpo_nb.data.load_problem_source); the paper drew from Mulberry-260K, LLaVA-CoT-100K, MathV360K
     num_problems: Optional[int] = None   # sample this many problems under `seed` (None = all); the paper sampled 100K
-    generate_seed: int = 0               # seed of srpo_nb.data.generate_problems when problems is None
+    generate_seed: int = 0               # seed of srpo_nb.data.generate_problems when problems='generated'
     # policy responses
     policy_model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # hub id or folder; 'tiny' = the tiny Qwen2.5-VL (cache)
     backend: str = "hf"                  # generation backend: 'hf' (transformers) or 'vllm' (GPU)
@@ -683,7 +683,7 @@ class ReflectionDataConfig(Config):
     progress: bool = True                # progress bars
 
     presets: ClassVar[dict] = {
-        "tiny": dict(problems=None, num_problems=16, policy_model="tiny", device="cpu", batch_size=8,
+        "tiny": dict(problems="generated", num_problems=16, policy_model="tiny", device="cpu", batch_size=8,
                      max_new_tokens=32, keep_unformatted=True, total=8, teacher="template",
                      out_dir="runs/reflection_data_tiny"),
     }
@@ -704,11 +704,11 @@ JOURNAL_KEYS = ("problems", "num_problems", "generate_seed", "policy_model", "te
 
 # %% ../nbs/05_reflection_data.ipynb #f229dfa1
 def load_config_problems(cfg: ReflectionDataConfig) -> list:
-    "The problems a config names: the parquet file, or generated ones; sampled down to num_problems under seed."
-    from srpo_nb.data import generate_problems, load_problems
-    if cfg.problems is None:
-        return list(generate_problems(cfg.num_problems or 16, seed=cfg.generate_seed))
-    probs = list(load_problems(cfg.problems))
+    "The problems a config names (srpo_nb.data.load_problem_source), sampled down to num_problems under seed."
+    from srpo_nb.data import load_problem_source
+    if cfg.problems == "generated":
+        return load_problem_source("generated", limit=cfg.num_problems or 16, seed=cfg.generate_seed)
+    probs = load_problem_source(cfg.problems)
     if cfg.num_problems is not None and cfg.num_problems < len(probs):
         keep = set(random.Random(cfg.seed).sample(range(len(probs)), cfg.num_problems))
         probs = [p for i, p in enumerate(probs) if i in keep]

@@ -330,8 +330,6 @@ class SFTResult:
 
 def plot_loss(log_history: list, path: str | os.PathLike | None = None, title: str = "SFT training loss"):
     "A line plot of the logged training loss against the step; saved to `path` when given."
-    import matplotlib
-    if path is not None: matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     pts = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
     fig, ax = plt.subplots(figsize=(5, 3))

@@ -322,7 +322,7 @@ def test_faults_kill_restart_exactly_once(tiny_path, tmp_path):
     out = tmp_path / "run"
     plan = RoundRobinPlan(faults_per_question=2)
     with fault_server(plan, max_requests=300, deadline_s=200, slow_s=1.0) as srv:
-        cfg = dict(preset="tiny", problems=None, num_problems=n_problems, generate_seed=5, policy_model=str(tiny_path),
+        cfg = dict(preset="tiny", problems="generated", num_problems=n_problems, generate_seed=5, policy_model=str(tiny_path),
                    batch_size=1, max_new_tokens=24, total=total, teacher="openai", teacher_model="fault",
                    teacher_base_url=srv.url, api_key_env=KEY_ENV, teacher_reply="json", teacher_timeout=0.5,
                    max_retries=8, backoff_base=0.02, backoff_max=0.1, max_concurrency=3, out_dir=str(out), progress=False)
