@@ -232,7 +232,9 @@ TRANSITION_COMPONENTS = {"w2r": "W->R", "r2r": "R->R", "r2w": "R->W", "w2w": "W-
 def build_reward_funcs(config: GRPOTrainConfig, tokenizer=None) -> tuple[list, list]:
     "(reward functions, TRL reward_weights) for `config.reward`: the total trains, the other components are logged."
     rc = RewardConfig.from_dict({**config.reward_config, "variant": config.reward})
-    funcs = make_reward_funcs(config.reward, components=REWARD_COMPONENTS[config.reward], tokenizer=tokenizer, config=rc)
+    # the trainer counts the transitions itself over the batch gathered from all ranks, so the functions don't log them
+    funcs = make_reward_funcs(config.reward, components=REWARD_COMPONENTS[config.reward], tokenizer=tokenizer, config=rc,
+                              log_transitions=False)
     return funcs, reward_weights(funcs)
 
 # %% ../nbs/08_grpo.ipynb #30b26768

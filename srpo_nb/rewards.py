@@ -710,7 +710,8 @@ class SRPORewardFunc:
 def make_reward_funcs(variant: Optional[str] = None, *, components: Sequence[str] = ("total",),
                       count_tokens: Optional[Callable[[str], int]] = None, tokenizer: Any = None,
                       config: Optional[RewardConfig] = None, answer_column: str = "answer",
-                      choices_column: str = "choices", precision_column: str = "precision") -> list:
+                      choices_column: str = "choices", precision_column: str = "precision",
+                      log_transitions: bool = True) -> list:
     "TRL reward functions `f(completions, **kwargs) -> list[float]`, one per component of `srpo_reward`."
     cfg = config or RewardConfig()
     variant = check_choice("variant", variant or cfg.variant, VARIANTS)
@@ -720,7 +721,7 @@ def make_reward_funcs(variant: Optional[str] = None, *, components: Sequence[str
     token_counter(count_tokens, tokenizer)   # validates
     shared = _Shared()
     return [SRPORewardFunc(c, variant, cfg, count_tokens, tokenizer, answer_column, choices_column, precision_column,
-                           shared, log=(i == 0)) for i, c in enumerate(components)]
+                           shared, log=log_transitions and i == 0) for i, c in enumerate(components)]
 
 def reward_weights(funcs: Sequence) -> list:
     "TRL `reward_weights` that train on the total only: 1.0 for each `total` function, 0.0 for the logged components."
