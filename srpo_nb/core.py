@@ -11,11 +11,19 @@ import importlib.util
 import json
 import os
 import random
+import shutil
+import time
+import types
+import typing
+import uuid
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 # %% auto #0
-__all__ = ['optional_import', 'is_installed', 'check_choice', 'seed_everything', 'get_device', 'has_cuda', 'Config', 'cache_dir']
+__all__ = ['RUN_MARKER', 'CHECKPOINT_DONE', 'optional_import', 'is_installed', 'check_choice', 'seed_everything', 'get_device',
+           'has_cuda', 'ConfigError', 'Config', 'RunFolderError', 'write_json_atomic', 'read_run_marker',
+           'claim_run_dir', 'finish_run', 'checkpoint_step', 'mark_checkpoint_complete', 'is_complete_checkpoint',
+           'latest_complete_checkpoint', 'checkpoint_callback', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #24a49efa
 def optional_import(module: str, extra: str = "gpu", purpose: str = "") -> Any:
@@ -64,13 +72,98 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 # %% ../nbs/00_core.ipynb #130fff25
+class ConfigError(ValueError):
+    "A config field with a bad value: the message names the field and the value."
+
+def _type_name(t) -> str:
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+def _coerce(value: Any, t: Any) -> Any:
+    "`value` as type `t` (int, float, bool, str, dict, list, Optional/Union of them, Any); raises TypeError."
+    if t is Any or t is object: return value
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union or (types.UnionType is not None and isinstance(t, types.UnionType)):
+        if value is None and type(None) in args: return None
+        wanted = []
+        for a in (a for a in args if a is not type(None)):
+            try: return _coerce(value, a)
+            except TypeError as e: wanted.append(str(e))
+        raise TypeError(" or ".join(wanted + (["None"] if type(None) in args else [])))
+    if origin is not None: t = origin  # list[str] -> list, dict[str, Any] -> dict
+    if t is bool:
+        if isinstance(value, bool): return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            return value.strip().lower() in ("true", "yes")
+        raise TypeError("true or false")
+    if t is int:
+        if isinstance(value, bool): raise TypeError("an integer")
+        if isinstance(value, int): return value
+        if isinstance(value, str):
+            try: value = float(value.strip())
+            except ValueError: raise TypeError("an integer") from None
+        if isinstance(value, float) and value.is_integer(): return int(value)
+        raise TypeError("an integer")
+    if t is float:
+        if isinstance(value, bool): raise TypeError("a number")
+        if isinstance(value, (int, float)): return float(value)
+        if isinstance(value, str):  # YAML reads `1e-3` (no dot) as a string
+            try: return float(value.strip())
+            except ValueError: pass
+        raise TypeError("a number")
+    if t is str:
+        if isinstance(value, str): return value
+        if isinstance(value, os.PathLike): return os.fspath(value)
+        raise TypeError("a string")
+    if isinstance(t, type):
+        if isinstance(value, t): return value
+        raise TypeError(f"a {_type_name(t)}")
+    return value
+
+def _in_range(value, spec) -> bool:
+    lo, hi, *extra = spec
+    if extra and value in extra[0]: return True
+    return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+def _range_text(spec) -> str:
+    lo, hi, *extra = spec
+    s = (f"in [{lo}, {hi}]" if lo is not None and hi is not None else f">= {lo}" if lo is not None else f"<= {hi}")
+    return s + (f" (or {' or '.join(map(repr, sorted(extra[0])))})" if extra else "")
+
+#| export
 class Config:
-    "Mixin for stage configs (dataclasses): presets, strict loading from dict/JSON/YAML, saving."
+    "Mixin for stage configs (dataclasses): presets, strict loading from dict/JSON/YAML, type and range checks, saving."
     presets: dict = {}  # name -> dict of overrides; subclasses set this as a ClassVar
+    ranges: dict = {}   # field -> (low, high) inclusive (None = open), optionally a set of extra allowed values
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is not None and not getattr(own, "_checks_fields", False):
+            def __post_init__(self, _own=own):
+                self.check_fields(); _own(self)
+            __post_init__._checks_fields = True
+            cls.__post_init__ = __post_init__
+
+    def __post_init__(self): self.check_fields()
+
+    def check_fields(self) -> None:
+        "Coerce each field to its annotated type (`'1e-3'` → 0.001) and check `ranges`; a ConfigError names the field."
+        name = type(self).__name__
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            try: v = _coerce(v, hints.get(f.name, Any))
+            except TypeError as e:
+                raise ConfigError(f"{name}.{f.name}={v!r}: expected {e}") from None
+            spec = self.ranges.get(f.name)
+            if spec is not None and v is not None and not _in_range(v, spec):
+                raise ConfigError(f"{name}.{f.name}={v!r} is out of range: must be {_range_text(spec)}")
+            object.__setattr__(self, f.name, v)
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
 
     @classmethod
     def from_dict(cls, d: dict | None = None, preset: str | None = None, **overrides):
@@ -122,6 +215,95 @@ class Config:
     def replace(self, **changes):
         "A copy with `changes`; unknown field names raise a ValueError."
         return type(self).from_dict({**self.to_dict(), **changes})
+
+# %% ../nbs/00_core.ipynb #5fb223ba
+RUN_MARKER = "srpo_run.json"        # in a run folder: which run it belongs to, and whether it finished
+CHECKPOINT_DONE = "srpo_complete"   # in a checkpoint folder, written last: the checkpoint is whole
+
+class RunFolderError(RuntimeError):
+    "A run folder that holds something else: another run, or files srpo_nb did not write."
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    "Write `obj` as JSON to a temporary file beside `path`, then rename it over `path` (never half-written)."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+def read_run_marker(run_dir: str | os.PathLike) -> Optional[dict]:
+    "The run marker of `run_dir` (kind, run id, started, finished, global_step), or None."
+    p = Path(run_dir) / RUN_MARKER
+    try: return json.loads(p.read_text()) if p.exists() else None
+    except ValueError: return None
+
+def claim_run_dir(run_dir: str | os.PathLike, kind: str, resume: bool = False, overwrite: bool = False) -> dict:
+    "Make `run_dir` this run's folder: create it, resume the `kind` run in it, or refuse (RunFolderError) to mix runs."
+    d = Path(run_dir)
+    if d.exists() and not d.is_dir(): raise RunFolderError(f"{d} is a file, not a run folder")
+    marker = read_run_marker(d)
+    entries = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    if marker is not None and marker.get("kind") != kind:
+        raise RunFolderError(f"{d} holds a {marker.get('kind')} run, not a {kind} run: choose another output folder")
+    if entries and marker is None:
+        raise RunFolderError(f"{d} is not empty and holds no srpo_nb run ({', '.join(entries[:3])}"
+                             f"{', …' if len(entries) > 3 else ''}): choose an empty or new output folder")
+    if marker is not None and not resume:
+        if not overwrite:
+            raise RunFolderError(f"{d} holds an earlier {kind} run (started {marker.get('started')}): resume it "
+                                 "(resume_from_checkpoint='latest'), start it again (overwrite=True), or choose another folder")
+        for p in d.iterdir():  # every entry sits in a folder this library marked as its own run
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        marker = None
+    if marker is None:
+        marker = {"kind": kind, "run_id": uuid.uuid4().hex[:12], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "finished": False}
+        write_json_atomic(d / RUN_MARKER, marker)
+    return marker
+
+def finish_run(run_dir: str | os.PathLike, **fields) -> dict:
+    "Mark the run in `run_dir` finished (with `fields`, e.g. global_step), in its run marker."
+    marker = {**(read_run_marker(run_dir) or {}), **fields, "finished": True}
+    write_json_atomic(Path(run_dir) / RUN_MARKER, marker)
+    return marker
+
+
+# %% ../nbs/00_core.ipynb #fd184d0c
+def checkpoint_step(path: str | os.PathLike) -> Optional[int]:
+    "N of a `checkpoint-N` folder name, else None."
+    name = Path(path).name
+    return int(name[len("checkpoint-"):]) if name.startswith("checkpoint-") and name[len("checkpoint-"):].isdigit() else None
+
+def mark_checkpoint_complete(path: str | os.PathLike) -> Path:
+    "Write the completion marker into a checkpoint folder — the last thing a save does."
+    p = Path(path) / CHECKPOINT_DONE
+    write_json_atomic(p, {"step": checkpoint_step(path), "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    return p
+
+def is_complete_checkpoint(path: str | os.PathLike) -> bool:
+    "True when a checkpoint folder holds its completion marker (a kill during the save leaves none)."
+    return (Path(path) / CHECKPOINT_DONE).is_file()
+
+def latest_complete_checkpoint(run_dir: str | os.PathLike) -> Optional[Path]:
+    "The complete `checkpoint-N` with the largest N in `run_dir` (torn ones skipped), or None."
+    d = Path(run_dir)
+    found = [p for p in d.glob("checkpoint-*") if p.is_dir() and checkpoint_step(p) is not None] if d.is_dir() else []
+    done = [p for p in found if is_complete_checkpoint(p)]
+    return max(done, key=checkpoint_step) if done else None
+
+def checkpoint_callback(extra_state: Optional[Callable[[], dict]] = None):
+    "A TrainerCallback that finishes every checkpoint save: `extra_state()` to srpo_state.json, then the completion marker."
+    from transformers import TrainerCallback
+
+    class CompleteCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero: return
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if not ckpt.is_dir(): return
+            if extra_state is not None: write_json_atomic(ckpt / "srpo_state.json", extra_state())
+            mark_checkpoint_complete(ckpt)
+    return CompleteCheckpoints()
+
 
 # %% ../nbs/00_core.ipynb #c2d237cf
 def cache_dir(*parts: str) -> Path:
