@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Optional
 __all__ = ['RUN_MARKER', 'CHECKPOINT_DONE', 'optional_import', 'is_installed', 'check_choice', 'seed_everything', 'get_device',
            'has_cuda', 'ConfigError', 'Config', 'RunFolderError', 'write_json_atomic', 'read_run_marker',
            'claim_run_dir', 'finish_run', 'checkpoint_step', 'mark_checkpoint_complete', 'is_complete_checkpoint',
-           'latest_complete_checkpoint', 'checkpoint_callback', 'cache_dir']
+           'latest_complete_checkpoint', 'checkpoint_callback', 'check_model_source', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #24a49efa
 def optional_import(module: str, extra: str = "gpu", purpose: str = "") -> Any:
@@ -304,6 +304,21 @@ def checkpoint_callback(extra_state: Optional[Callable[[], dict]] = None):
             mark_checkpoint_complete(ckpt)
     return CompleteCheckpoints()
 
+
+# %% ../nbs/00_core.ipynb #0f8fff08
+def check_model_source(name: str | os.PathLike) -> str:
+    "`name` if it is a model folder or could be a hub id; FileNotFoundError for a path that is not a model folder."
+    s = os.fspath(name); p = Path(s).expanduser()
+    if p.exists():
+        if not p.is_dir(): raise FileNotFoundError(f"model {s!r} is a file, not a model folder")
+        if not (p / "config.json").exists() and not (p / "adapter_config.json").exists():
+            raise FileNotFoundError(f"model folder {s!r} holds no config.json: not a saved model")
+        return s
+    parts = s.replace("\\", "/").split("/")
+    if (s.startswith(("/", ".", "~")) or len(parts) > 2 or "" in parts or "\\" in s
+            or (len(parts) == 2 and Path(parts[0]).is_dir())):
+        raise FileNotFoundError(f"model folder not found: {s!r}")
+    return s
 
 # %% ../nbs/00_core.ipynb #c2d237cf
 def cache_dir(*parts: str) -> Path:
