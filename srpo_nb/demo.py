@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,7 @@ from .format import RL_SYSTEM_PROMPT, extract_boxed, make_messages, parse_comple
 from .models import HFGenerator, load_policy, tiny_model_path
 
 # %% auto #0
-__all__ = ['ask_policy', 'print_answer', 'run_demo']
+__all__ = ['DEMO_OUTPUTS', 'DEMO_MARKER', 'ask_policy', 'print_answer', 'prepare_demo_dir', 'run_demo']
 
 # %% ../nbs/10a_demo.ipynb #f477a0ca
 def ask_policy(model_path, problem, seed: int = 0, max_new_tokens: int = 96, temperature: float = 1.0) -> dict:
@@ -42,6 +43,22 @@ def print_answer(rec: dict, title: str) -> None:
     for q in rec["problems"]: print("  -", q)
 
 # %% ../nbs/10a_demo.ipynb #33d39695
+DEMO_OUTPUTS = ("reflection_data", "sft", "grpo", "demo.json")  # what a demo writes in its folder
+DEMO_MARKER = ".srpo-demo"
+
+def prepare_demo_dir(out_dir: str | os.PathLike) -> Path:
+    "`out_dir` ready for a demo: an earlier demo's own outputs removed, nothing else touched; refuses foreign ones."
+    from srpo_nb.core import RunFolderError
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir(): raise RunFolderError(f"--out-dir {out} is a file, not a folder")
+    ours = [out / n for n in DEMO_OUTPUTS if (out / n).exists()]
+    if ours and not (out / DEMO_MARKER).exists():
+        raise RunFolderError(f"{out} already holds {', '.join(p.name for p in ours)}, not written by srpo demo: "
+                             "choose another --out-dir")
+    for p in ours: shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    out.mkdir(parents=True, exist_ok=True); (out / DEMO_MARKER).write_text("a run folder of srpo demo\n")
+    return out
+
 def run_demo(seed: int = 0, out_dir: str = "runs/demo", sft_steps: int = 40, grpo_steps: int = 8,
              max_new_tokens: int = 96, temperature: float = 1.0, model_path: Optional[str] = None,
              verbose: bool = True) -> dict:
@@ -49,9 +66,7 @@ def run_demo(seed: int = 0, out_dir: str = "runs/demo", sft_steps: int = 40, grp
     from srpo_nb.grpo import GRPOTrainConfig, train_grpo
     from srpo_nb.reflection_data import ReflectionDataConfig, build_reflection_data
     from srpo_nb.sft import SFTConfig, train_sft
-    out = Path(out_dir)
-    if (out / ".srpo-demo").exists(): shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True); (out / ".srpo-demo").write_text("a run folder of srpo demo\n")
+    out = prepare_demo_dir(out_dir)
     seed_everything(seed)
     base = str(model_path or tiny_model_path(seed))
     problem = generate_problems(1, seed=seed)[0]
