@@ -23,15 +23,16 @@ from functools import lru_cache
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from .core import Config, check_choice
-from .format import _TAG_RE, extract_boxed, parse_completion
+from .format import _TAG_RE, _scan_blocks, extract_boxed, parse_completion
 
 # %% auto #0
-__all__ = ['MAX_BLOCK_CHARS', 'MAX_ANSWER_CHARS', 'LETTERS', 'VARIANTS', 'TRANSITIONS', 'MAX_COMPLETION_CHARS', 'COMPONENTS',
-           'extract_answer', 'Number', 'read_number', 'numbers_match', 'as_choices', 'choice_index', 'MathVerifyWorker',
-           'math_verify_worker', 'Verdict', 'grade_answer', 'check_answer', 'count_tokens_regex', 'token_counter',
-           'f_len', 'RewardConfig', 'RewardBreakdown', 'literal_blocks', 'code_format_ok', 'srpo_reward',
-           'reward_bounds', 'explain_reward', 'completion_text', 'transition_counts', 'SRPORewardFunc',
-           'make_reward_funcs', 'reward_weights']
+__all__ = ['MAX_BLOCK_CHARS', 'MAX_ANSWER_CHARS', 'LETTERS', 'VARIANTS', 'TRANSITIONS', 'FORMAT_RULES', 'EFFECTIVENESS_RULES',
+           'MAX_COMPLETION_CHARS', 'COMPONENTS', 'extract_answer', 'Number', 'read_number', 'numbers_match',
+           'as_choices', 'choice_index', 'MathVerifyWorker', 'math_verify_worker', 'Verdict', 'grade_answer',
+           'check_answer', 'count_tokens_regex', 'token_counter', 'f_len', 'RewardConfig', 'RewardBreakdown',
+           'think_format_ok', 'literal_blocks', 'code_format_ok', 'srpo_reward', 'reward_bounds', 'explain_reward',
+           'completion_text', 'accuracy_scale', 'transition_counts', 'SRPORewardFunc', 'make_reward_funcs',
+           'reward_weights']
 
 # %% ../nbs/04_rewards.ipynb #ff889226
 MAX_BLOCK_CHARS = 8192   # an <answer> block longer than this has no answer
@@ -427,6 +428,8 @@ def f_len(L: float, B: float, target_ratio: float = 2.0, max_ratio: float = 2.5)
 # %% ../nbs/04_rewards.ipynb #be8712af
 VARIANTS = ("paper", "code", "grpo")
 TRANSITIONS = ("W->R", "R->R", "R->W", "W->W")
+FORMAT_RULES = ("think", "five_blocks")        # what R_format pays for (paper variant)
+EFFECTIVENESS_RULES = ("answers", "reflection")  # when I_eff is paid (paper variant)
 
 @dataclass
 class RewardConfig(Config):
@@ -439,6 +442,8 @@ class RewardConfig(Config):
     accuracy_reward: float = 0.5      # R_accuracy: first answer right (paper)
     reflection_reward: float = 0.25   # I_ref: well-formed reflection (paper)
     effectiveness: dict = field(default_factory=lambda: {"R->R": 0.25, "W->R": 0.5, "W->W": 0.0, "R->W": -0.25})  # I_eff (paper)
+    format_rule: str = "think"        # paper: R_format when the reasoning sits in <think> blocks ("think", the paper's words) or only for the whole five-block contract ("five_blocks")
+    effectiveness_rule: str = "answers"  # paper: I_eff from any first and final answer ("answers", Eq. 6 as written) or only with a well-formed reflection between them ("reflection")
     code_accuracy: dict = field(default_factory=lambda: {"W->R": 1.0, "R->R": 0.75, "R->W": 0.25, "W->W": 0.0, "single": 0.5})  # released code
     code_quirk: bool = True           # code: fewer than two think or answer blocks -> total 0 (the released bug)
     grpo_accuracy: float = 1.0        # grpo baseline: answer right
@@ -448,10 +453,13 @@ class RewardConfig(Config):
     abs_tol: float = 0.0              # numeric tolerance (absolute)
     approx_decimals: bool = True      # 50.27 matches 16\pi (see check_answer)
     min_sig_digits: int = 3           # significant digits a decimal approximation needs
-    presets: ClassVar[dict] = {"tiny": {"verify_timeout": 1.0}, "code": {"variant": "code"}, "grpo": {"variant": "grpo"}}
+    presets: ClassVar[dict] = {"tiny": {"verify_timeout": 1.0}, "code": {"variant": "code"}, "grpo": {"variant": "grpo"},
+                               "strict": {"format_rule": "five_blocks", "effectiveness_rule": "reflection"}}
 
     def __post_init__(self):
         check_choice("variant", self.variant, VARIANTS)
+        check_choice("format_rule", self.format_rule, FORMAT_RULES)
+        check_choice("effectiveness_rule", self.effectiveness_rule, EFFECTIVENESS_RULES)
         if set(self.effectiveness) != set(TRANSITIONS): raise ValueError(f"effectiveness needs exactly the keys {list(TRANSITIONS)}, got {sorted(self.effectiveness)}")
         if set(self.code_accuracy) != set(TRANSITIONS) | {"single"}: raise ValueError(f"code_accuracy needs exactly the keys {list(TRANSITIONS) + ['single']}, got {sorted(self.code_accuracy)}")
         if not self.max_ratio > self.target_ratio > 0: raise ValueError(f"need max_ratio > target_ratio > 0, got {self.max_ratio}, {self.target_ratio}")
@@ -496,6 +504,12 @@ def _transition(first: Optional[bool], final: Optional[bool]) -> Optional[str]:
     return f"{'R' if first else 'W'}->{'R' if final else 'W'}"
 
 # %% ../nbs/04_rewards.ipynb #0c7bfd19
+def think_format_ok(text: str) -> bool:
+    "The paper's R_format: blocks closed, no tag nested, no text outside, first block a <think>, every <think> non-empty."
+    blocks, problems = _scan_blocks(text)
+    return (not problems and bool(blocks) and blocks[0].tag == "think"
+            and all(b.content for b in blocks if b.tag == "think"))
+
 def _paper_parts(text: str, grade: Callable, count: Callable, cfg: RewardConfig) -> RewardBreakdown:
     p = parse_completion(text)
     bd = RewardBreakdown("paper", alpha=cfg.alpha)
@@ -509,19 +523,22 @@ def _paper_parts(text: str, grade: Callable, count: Callable, cfg: RewardConfig)
     if a2 is not None:
         v = grade(a2.content); bd.final_correct, bd.final_answer = v.correct, v.pred
     bd.transition = _transition(bd.first_correct, bd.final_correct)
-    bd.format = cfg.format_reward if p.ok else 0.0
+    format_ok = p.ok if cfg.format_rule == "five_blocks" else think_format_ok(text)
+    bd.format = cfg.format_reward if format_ok else 0.0
     bd.accuracy = cfg.accuracy_reward if bd.first_correct else 0.0
     r = refls[0] if len(refls) == 1 else None
     well_formed = (r is not None and r.closed and bool(r.content) and not _TAG_RE.search(r.content)
                    and a1 is not None and r.start > a1.start)
     bd.reflection = cfg.reflection_reward if well_formed else 0.0
-    if well_formed and a2 is not None and a2.start > r.start and bd.transition:
+    between = well_formed and a2 is not None and a2.start > r.start
+    if bd.transition and (cfg.effectiveness_rule == "answers" or between):
         bd.effectiveness = cfg.effectiveness[bd.transition]
     bd.L = count(text.strip())
     if thinks and a1 is not None:
         bd.B = count(thinks[0].content) + count(a1.content)
     bd.length = f_len(bd.L, bd.B, cfg.target_ratio, cfg.max_ratio)
     return bd
+
 
 # %% ../nbs/04_rewards.ipynb #53a205a6
 def literal_blocks(text: str, tag: str) -> list[str]:
@@ -635,8 +652,8 @@ def explain_reward(completion: str, gold: Any, *, choices: Any = None, variants:
     return "\n".join(lines)
 
 # %% ../nbs/04_rewards.ipynb #83df29d0
-COMPONENTS = ("total", "format", "accuracy", "effectiveness", "reflection", "length", "first_correct", "final_correct",
-              "w2r", "r2r", "r2w", "w2w")
+COMPONENTS = ("total", "format", "accuracy", "accuracy_norm", "effectiveness", "reflection", "length", "first_correct",
+              "final_correct", "w2r", "r2r", "r2w", "w2w")
 _IND = {"w2r": "W->R", "r2r": "R->R", "r2w": "R->W", "w2w": "W->W"}
 
 def completion_text(c: Any) -> str:
@@ -652,6 +669,14 @@ def completion_text(c: Any) -> str:
                 out += [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type", "text") == "text"]
         return "".join(out)
     raise TypeError(f"cannot read a completion from {type(c).__name__}")
+
+def accuracy_scale(variant: str = "paper", config: Optional[RewardConfig] = None) -> float:
+    "The largest value of the variant's accuracy term (paper: R_accuracy 0.5; code: the table's top, 1.0; grpo: 1.0)."
+    cfg = config or RewardConfig()
+    check_choice("variant", variant, VARIANTS)
+    scale = {"paper": cfg.accuracy_reward, "code": max(cfg.code_accuracy.values()), "grpo": cfg.grpo_accuracy}[variant]
+    if not scale > 0: raise ValueError(f"the {variant} variant's accuracy term is never positive (largest value {scale}): nothing to normalise")
+    return float(scale)
 
 def transition_counts(breakdowns: Sequence[RewardBreakdown]) -> dict:
     "How many breakdowns went W->R, R->R, R->W, W->W, and how many had no transition ('none')."
@@ -671,6 +696,7 @@ class SRPORewardFunc:
         self.count_tokens, self.tokenizer = count_tokens, tokenizer
         self.answer_column, self.choices_column, self.precision_column = answer_column, choices_column, precision_column
         self.__name__ = f"srpo_{variant}_{component}"
+        self.scale = accuracy_scale(variant, config) if component == "accuracy_norm" else 1.0
 
     @property
     def last_breakdowns(self) -> list: return self.shared.last
@@ -705,6 +731,7 @@ class SRPORewardFunc:
         c = self.component
         if c in _IND: return [1.0 if b.transition == _IND[c] else 0.0 for b in bds]
         if c in ("first_correct", "final_correct"): return [1.0 if getattr(b, c) else 0.0 for b in bds]
+        if c == "accuracy_norm": return [b.accuracy / self.scale for b in bds]
         return [float(getattr(b, c)) for b in bds]
 
 def make_reward_funcs(variant: Optional[str] = None, *, components: Sequence[str] = ("total",),

@@ -114,23 +114,42 @@ def test_bounds():
 T, A, RF, T2, A2 = "<think>t</think>", "<answer>\\boxed{5}</answer>", "<reflection>r</reflection>", "<think>u</think>", "<answer>\\boxed{5}</answer>"
 
 
-@pytest.mark.parametrize("text,fmt,acc,eff,ref,first,final", [
-    (T + A + RF + T2 + A2,                               0.5, 0.5, 0.25, 0.25, True, True),
-    ("<think>t</think><answer>\\boxed{6}</answer>" + RF + T2 + A2, 0.5, 0.0, 0.5, 0.25, False, True),
-    (T + A + T2 + A2,                                    0.0, 0.5, 0.0, 0.0, True, True),    # no reflection: no I_eff
-    (T + A + RF + RF + T2 + A2,                          0.0, 0.5, 0.0, 0.0, True, True),    # two reflections: not well formed
-    (T + A + "<reflection><answer>5</answer></reflection>" + T2 + A2, 0.0, 0.5, 0.0, 0.0, True, True),  # tag inside
-    (T + RF + A + T2 + A2,                               0.0, 0.5, 0.0, 0.0, True, True),    # reflection before answer 1
-    (T + A + "<reflection> </reflection>" + T2 + A2,     0.0, 0.5, 0.0, 0.0, True, True),    # empty reflection
-    (T + A + RF,                                         0.0, 0.5, 0.0, 0.25, True, None),   # stopped after reflecting
-    (T + A + RF + T2 + "<answer>\\boxed{5}",             0.0, 0.5, 0.0, 0.25, True, None),   # truncated final answer
-    ("Sure. " + T + A + RF + T2 + A2,                    0.0, 0.5, 0.25, 0.25, True, True),  # text outside: no format
-    (T + A + RF + T2 + A2 + " Done.",                    0.0, 0.5, 0.25, 0.25, True, True),
-    ("< think >t</ think >" + A + RF + T2 + A2,          0.5, 0.5, 0.25, 0.25, True, True),  # the parser allows spaces
+# each row: the terms under the default readings (format_rule="think", effectiveness_rule="answers") and under the
+# strict preset (format_rule="five_blocks", effectiveness_rule="reflection"): (format, accuracy, I_eff, I_ref)
+@pytest.mark.parametrize("text,default,strict,first,final", [
+    (T + A + RF + T2 + A2,                               (0.5, 0.5, 0.25, 0.25), (0.5, 0.5, 0.25, 0.25), True, True),
+    ("<think>t</think><answer>\\boxed{6}</answer>" + RF + T2 + A2, (0.5, 0.0, 0.5, 0.25), (0.5, 0.0, 0.5, 0.25), False, True),
+    (T + A + T2 + A2,                                    (0.5, 0.5, 0.25, 0.0), (0.0, 0.5, 0.0, 0.0), True, True),    # no reflection
+    (T + A + RF + RF + T2 + A2,                          (0.5, 0.5, 0.25, 0.0), (0.0, 0.5, 0.0, 0.0), True, True),    # two reflections: not well formed
+    (T + A + "<reflection><answer>5</answer></reflection>" + T2 + A2, (0.0, 0.5, 0.25, 0.0), (0.0, 0.5, 0.0, 0.0), True, True),  # tag inside
+    (T + RF + A + T2 + A2,                               (0.5, 0.5, 0.25, 0.0), (0.0, 0.5, 0.0, 0.0), True, True),    # reflection before answer 1
+    (T + A + "<reflection> </reflection>" + T2 + A2,     (0.5, 0.5, 0.25, 0.0), (0.0, 0.5, 0.0, 0.0), True, True),    # empty reflection
+    (T + A,                                              (0.5, 0.5, 0.0, 0.0), (0.0, 0.5, 0.0, 0.0), True, None),    # think/answer only
+    (T + A + RF,                                         (0.5, 0.5, 0.0, 0.25), (0.0, 0.5, 0.0, 0.25), True, None),   # stopped after reflecting
+    (T + A + RF + T2 + "<answer>\\boxed{5}",             (0.0, 0.5, 0.0, 0.25), (0.0, 0.5, 0.0, 0.25), True, None),   # truncated final answer
+    ("Sure. " + T + A + RF + T2 + A2,                    (0.0, 0.5, 0.25, 0.25), (0.0, 0.5, 0.25, 0.25), True, True),  # text outside: no format
+    (T + A + RF + T2 + A2 + " Done.",                    (0.0, 0.5, 0.25, 0.25), (0.0, 0.5, 0.25, 0.25), True, True),
+    (A + T + RF + T2 + A2,                               (0.0, 0.5, 0.25, 0.25), (0.0, 0.5, 0.25, 0.25), True, True),  # answer first: reasoning does not open
+    ("<think> </think>" + A + RF + T2 + A2,              (0.0, 0.5, 0.25, 0.25), (0.0, 0.5, 0.25, 0.25), True, True),  # empty first think
+    ("< think >t</ think >" + A + RF + T2 + A2,          (0.5, 0.5, 0.25, 0.25), (0.5, 0.5, 0.25, 0.25), True, True),  # the parser allows spaces
 ])
-def test_paper_terms(text, fmt, acc, eff, ref, first, final):
-    bd = srpo_reward(text, "5", count_tokens=ZERO)
-    assert (bd.format, bd.accuracy, bd.effectiveness, bd.reflection, bd.first_correct, bd.final_correct) == (fmt, acc, eff, ref, first, final)
+def test_paper_terms(text, default, strict, first, final):
+    for want, cfg in ((default, RewardConfig()), (strict, RewardConfig.from_dict(preset="strict"))):
+        bd = srpo_reward(text, "5", count_tokens=ZERO, config=cfg)
+        assert (bd.format, bd.accuracy, bd.effectiveness, bd.reflection) == want, cfg.format_rule
+        assert (bd.first_correct, bd.final_correct) == (first, final)
+
+
+def test_reading_switches_change_the_reward():
+    "Each switch, alone, changes the reward of one response (and the defaults are the paper's readings)."
+    assert (RewardConfig().format_rule, RewardConfig().effectiveness_rule) == ("think", "answers")
+    single, twice = T + A, T + A + T2 + A2
+    fmt = {r: srpo_reward(single, "5", count_tokens=ZERO, config=RewardConfig(format_rule=r)).format for r in R.FORMAT_RULES}
+    eff = {r: srpo_reward(twice, "5", count_tokens=ZERO, config=RewardConfig(effectiveness_rule=r)).effectiveness
+           for r in R.EFFECTIVENESS_RULES}
+    assert fmt == {"think": 0.5, "five_blocks": 0.0} and eff == {"answers": 0.25, "reflection": 0.0}
+    for cfg in (RewardConfig(), RewardConfig.from_dict(preset="strict")):   # the table's totals hold under both readings
+        assert {t: srpo_reward(c, "5", count_tokens=ZERO, config=cfg).total for t, c in CASES.items()} == PAPER
 
 
 # ---------------------------------------------------------------- the code variant's rules
@@ -397,8 +416,8 @@ PROBES = {   # name: (completion, exact totals paper, code, grpo with count_toke
     "nested think": ("<think>a <think>b</think>" + A + RF + T2 + A2, (1.0, 0.75, 1.0)),   # format lost, nothing else
     "empty skeleton": ("<think></think><answer></answer><reflection></reflection><think></think><answer></answer>", (0.0, 0.0, 0.0)),
     "space skeleton": ("<think> </think><answer> </answer><reflection> </reflection><think> </think><answer> </answer>", (0.0, 0.5, 0.0)),
-    "pasted twice": ("<answer>\\boxed{5}</answer><answer>\\boxed{5}</answer>", (0.5, 0.0, 1.0)),
-    "five blocks pasted twice": (five(5, 5) + five(5, 5), (0.5, 0.75, 1.0)),   # paper: two reflections, no I_ref/I_eff
+    "pasted twice": ("<answer>\\boxed{5}</answer><answer>\\boxed{5}</answer>", (0.75, 0.0, 1.0)),   # paper: R_accuracy + I_eff
+    "five blocks pasted twice": (five(5, 5) + five(5, 5), (1.25, 0.75, 1.0)),   # paper: two reflections, no I_ref
     "every number": (five("1, 2, 3, 4, 5", "1, 2, 3, 4, 5"), (0.75, 0.5, 0.0)),
     "every option": (five("A, B, C, D", "A B C D"), (0.75, 0.5, 0.0)),
     "many boxes": (five(5, "5} \\boxed{6} \\boxed{7"), (1.0, 0.75, 1.0)),   # the last box counts: R->W
@@ -540,3 +559,16 @@ def test_fuzz_100k():
     print(f"\nfuzz: {stats['n'] // 3} completions x 3 variants = {stats['n']} calls in {el:.0f} s; "
           f"slowest call {stats['max'] * 1000:.0f} ms; worker {R.math_verify_worker().stats}")
     assert stats["n"] >= 300_000
+
+
+def test_accuracy_norm_is_the_filter_signal():
+    "accuracy_norm: the variant's accuracy term over its largest value (code: the transition table; paper: R_accuracy/0.5)."
+    texts = [CASES["W->R"], CASES["R->R"], CASES["R->W"], CASES["W->W"], T + A, "no tags"]
+    code = make_reward_funcs("code", components=("accuracy_norm",), config=RewardConfig(code_quirk=False))[0]
+    assert code(texts, answer=["5"] * 6) == [1.0, 0.75, 0.25, 0.0, 0.5, 0.0]
+    paper = make_reward_funcs("paper", components=("accuracy_norm",))[0]
+    assert paper(texts, answer=["5"] * 6) == [0.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    doubled = make_reward_funcs("code", components=("accuracy_norm",), config=RewardConfig(code_accuracy={
+        "W->R": 2.0, "R->R": 1.5, "R->W": 0.5, "W->W": 0.0, "single": 1.0}))[0]
+    assert doubled(texts[:4], answer=["5"] * 4) == [1.0, 0.75, 0.25, 0.0]
+    assert [R.accuracy_scale(v) for v in R.VARIANTS] == [0.5, 1.0, 1.0]
