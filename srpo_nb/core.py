@@ -21,9 +21,10 @@ from typing import Any, Callable, Iterable, Optional
 
 # %% auto #0
 __all__ = ['RUN_MARKER', 'CHECKPOINT_DONE', 'optional_import', 'is_installed', 'check_choice', 'seed_everything', 'get_device',
-           'has_cuda', 'ConfigError', 'Config', 'RunFolderError', 'write_json_atomic', 'read_run_marker',
-           'claim_run_dir', 'finish_run', 'checkpoint_step', 'mark_checkpoint_complete', 'is_complete_checkpoint',
-           'latest_complete_checkpoint', 'checkpoint_callback', 'check_model_source', 'cache_dir']
+           'has_cuda', 'gpu_device_files', 'use_triton_interpreter', 'ConfigError', 'Config', 'RunFolderError',
+           'write_json_atomic', 'read_run_marker', 'claim_run_dir', 'finish_run', 'checkpoint_step',
+           'mark_checkpoint_complete', 'is_complete_checkpoint', 'latest_complete_checkpoint', 'checkpoint_callback',
+           'check_model_source', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #24a49efa
 def optional_import(module: str, extra: str = "gpu", purpose: str = "") -> Any:
@@ -70,6 +71,20 @@ def has_cuda() -> bool:
     "True when torch sees a CUDA device."
     import torch
     return torch.cuda.is_available()
+
+# %% ../nbs/00_core.ipynb #2b21563c
+def gpu_device_files() -> list[str]:
+    "The GPU device files of this machine (/dev/nvidia0…, /dev/kfd for AMD): empty on a CPU-only machine."
+    return sorted(str(p) for pat in ("nvidia[0-9]*", "kfd") for p in Path("/dev").glob(pat))
+
+def use_triton_interpreter() -> bool:
+    "On a machine without a GPU, run Triton kernels (TRL's GRPO log-probs) in Triton's interpreter; True when on."
+    import sys
+    if "TRITON_INTERPRET" not in os.environ and "triton" not in sys.modules and not gpu_device_files():
+        os.environ["TRITON_INTERPRET"] = "1"
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+use_triton_interpreter()
 
 # %% ../nbs/00_core.ipynb #130fff25
 class ConfigError(ValueError):
