@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Optional
 
 # %% auto #0
-__all__ = ['TAGS', 'RL_SHAPE', 'SFT_SHAPE', 'SFT_SHAPE_WITH_THINK', 'SHAPES', 'RL_SYSTEM_PROMPT', 'SFT_SYSTEM_PROMPT',
-           'THINK_ANSWER_PROMPT', 'Block', 'Parsed', 'parse_completion', 'find_boxed', 'extract_boxed', 'wrap',
-           'render_completion', 'boxed', 'render_sft_target', 'make_messages']
+__all__ = ['TAGS', 'RL_SHAPE', 'SFT_SHAPE', 'SFT_SHAPE_WITH_THINK', 'SHAPES', 'RL_EXAMPLE', 'RL_SYSTEM_PROMPT',
+           'SFT_SYSTEM_PROMPT', 'COT_PROMPT', 'THINK_ANSWER_PROMPT', 'PROMPTS', 'PROMPT_INSTRUCTIONS', 'Block',
+           'Parsed', 'parse_completion', 'find_boxed', 'extract_boxed', 'wrap', 'render_completion', 'boxed',
+           'render_sft_target', 'missing_instructions', 'read_prompt', 'make_messages']
 
 # %% ../nbs/00a_format.ipynb #aeb0eb19
 TAGS = ("think", "answer", "reflection")
@@ -165,35 +167,93 @@ def boxed(x: str) -> str:
     "`\\boxed{x}` for an answer block."
     return f"\\boxed{{{x}}}"
 
-def render_sft_target(cot: str, answer: str, reflection: str, gold: str, second_think: Optional[str] = None) -> str:
-    "The SFT assistant turn: policy CoT and answer, teacher reflection, then the gold answer (boxed if it is not already)."
-    final = gold if find_boxed(gold) else f"${boxed(gold)}$"
+def render_sft_target(cot: str, answer: str, reflection: str, gold: str, second_think: Optional[str] = None,
+                      box_gold: bool = False) -> str:
+    "The SFT assistant turn: policy CoT and answer, teacher reflection, then the gold as given (`box_gold`: in `$\\boxed{}$`)."
+    gold = str(gold).strip()
+    if not gold: raise ValueError("gold is empty: the SFT target's final answer would be empty")
+    final = f"${boxed(gold)}$" if box_gold and not find_boxed(gold) else gold
     return render_completion(cot, answer, reflection, second_think, final)
 
 # %% ../nbs/00a_format.ipynb #d2daba35
+RL_EXAMPLE = (
+    "<think>$3 \\times 4 = 12$.</think> <answer>$\\boxed{12}$</answer> "
+    "<reflection>The product is right, but the first pass only states it: it should show how the product is "
+    "formed and confirm it another way.</reflection> "
+    "<think>$3 \\times 4$ means three groups of four, so $4 + 4 + 4 = 12$. Checking the other way round, four "
+    "groups of three give $3 + 3 + 3 + 3 = 12$ as well, so the product is $12$.</think> <answer>$\\boxed{12}$</answer>"
+)
+
 RL_SYSTEM_PROMPT = (
-    "You are a careful problem solver. Answer in exactly five parts, in this order: "
-    "first reason step by step inside <think> </think>; then give your answer inside <answer> </answer>; "
-    "then examine that first attempt inside <reflection> </reflection>, naming any mistake, unjustified step or "
-    "missing case and saying how to do better; then reason again inside <think> </think>, improving on the first "
-    "reasoning even if the answer does not change; finally give your final answer inside <answer> </answer>. "
-    "Write mathematics in LaTeX and put each answer's final result in \\boxed{}. "
-    "Example: <think>1 plus 1 is 2.</think> <answer>\\boxed{2}</answer> <reflection>The addition is correct "
-    "and needs no change.</reflection> <think>1 + 1 = 2.</think> <answer>\\boxed{2}</answer>"
+    "Solve the problem step by step, and write your response as five blocks in exactly this order: "
+    "<think>...</think> <answer>...</answer> <reflection>...</reflection> <think>...</think> <answer>...</answer>. "
+    "In the first <think> block, reason through the problem. In the first <answer> block, give your answer in LaTeX "
+    "between $ and $, with the final result inside \\boxed{}. In the <reflection> block, critically examine that "
+    "reasoning and answer: name any mistake, unjustified step, missing case or unclear passage, and say how to do "
+    "better. In the second <think> block, reason again, building on what the reflection found; this second "
+    "reasoning must improve on the first even when the answer stays the same. In the second <answer> block, give "
+    "your final answer, again in LaTeX between $ and $ with the final result inside \\boxed{}. Keep both "
+    "reasoning blocks clear and detailed, and leave none of the five blocks out. Example: " + RL_EXAMPLE
 )
 
 SFT_SYSTEM_PROMPT = (
-    "You are a careful problem solver who checks your own work. Solve the problem in two rounds. "
-    "Round one: reason step by step inside <think> </think> and give an initial answer inside <answer> </answer>. "
-    "Then reflect on round one inside <reflection> </reflection>: point out logical errors, missing assumptions "
-    "and anything unclear, and say how to fix them. Round two: give the final answer inside <answer> </answer>. "
-    "Write mathematics in LaTeX and put each final result in \\boxed{}."
+    "You are an expert at reasoning about images. Given an image and a question, reason about it in two rounds, "
+    "step by step. Round one: write your first chain of thought inside <think> </think> and your first answer "
+    "inside <answer> </answer>. Then reflect on round one inside <reflection> </reflection>: point out logical "
+    "errors, missing assumptions and anything unclear, and say how to fix them. Round two: guided by that "
+    "reflection, give your final answer inside <answer> </answer>."
+)
+
+COT_PROMPT = (
+    "Reason through the question step by step and put that reasoning inside <think> </think>. Then put the answer "
+    "alone inside <answer> </answer>, with no explanation there: a capital option letter (A, B, C or D) for a "
+    "multiple-choice question, a number otherwise. Both blocks are required, and nothing may stand outside them."
 )
 
 THINK_ANSWER_PROMPT = (
     "Solve the problem. First reason step by step inside <think> </think>, then give the answer inside "
     "<answer> </answer>, with the final result in \\boxed{}."
 )
+
+PROMPTS = {"rl": RL_SYSTEM_PROMPT, "sft": SFT_SYSTEM_PROMPT, "cot": COT_PROMPT, "think_answer": THINK_ANSWER_PROMPT}
+
+# what each prompt must tell the model (the paper's App. B.4 and the released scripts): name -> pattern (case-insensitive)
+_IN_ORDER = r"<think>.*?<answer>.*?<reflection>.*?<think>.*?<answer>"
+PROMPT_INSTRUCTIONS = {
+    "rl": {"reason step by step": r"step[- ]by[- ]step", "the five blocks in order": _IN_ORDER,
+           "answers in LaTeX between $...$": r"latex[^.]{0,40}\$[^$]{0,12}\$", "final result in \\boxed{}": r"\\boxed\{\}",
+           "a critical reflection on the first reasoning and answer": r"critic",
+           "the second reasoning improves even when the answer stays": r"improve[^.]{0,60}even (?:if|when|though)",
+           "both reasonings clear and detailed": r"clear and detailed", "no block left out": r"none of the five|without omi",
+           "a worked example": r"example:"},
+    "sft": {"two rounds": r"two rounds", "reason step by step": r"step[- ]by[- ]step",
+            "first reasoning and answer": r"<think>.*?<answer>", "a reflection on round one": r"reflect[^.]{0,40}<reflection>",
+            "final answer guided by the reflection": r"reflection, give your final answer|based on[^.]{0,30}reflection"},
+    "cot": {"reason step by step": r"step[- ]by[- ]step", "reasoning inside <think>": r"<think>",
+            "answer inside <answer>": r"<answer>", "nothing but the answer in <answer>": r"answer\s+alone|no explanation",
+            "an option letter for multiple choice": r"option letter", "a number otherwise": r"a number",
+            "both blocks required": r"both blocks"},
+}
+
+def missing_instructions(text: str, kind: str) -> list[str]:
+    "The instructions of `PROMPT_INSTRUCTIONS[kind]` that `text` does not carry (empty: it carries them all)."
+    if kind not in PROMPT_INSTRUCTIONS: raise ValueError(f"kind={kind!r} is not one of {list(PROMPT_INSTRUCTIONS)}")
+    return [name for name, pat in PROMPT_INSTRUCTIONS[kind].items() if not re.search(pat, text, re.IGNORECASE | re.DOTALL)]
+
+def read_prompt(spec: Optional[str], default: Optional[str] = None) -> Optional[str]:
+    "A system prompt: None -> `default`; 'none' -> no system turn; a name in `PROMPTS`; or the path of a text file."
+    if spec is None: return default
+    if not isinstance(spec, (str, Path)): raise TypeError(f"a prompt is a name or a file path, got {type(spec).__name__}")
+    s = str(spec)
+    if s == "none": return None
+    if s in PROMPTS: return PROMPTS[s]
+    p = Path(s).expanduser()
+    if p.is_file():
+        text = p.read_text(encoding="utf-8").strip()
+        if not text: raise ValueError(f"prompt file {s} is empty")
+        return text
+    if p.suffix in (".txt", ".md") or "/" in s: raise FileNotFoundError(f"prompt file not found: {s}")
+    raise ValueError(f"prompt {s!r} is neither one of {['none', *PROMPTS]} nor an existing text file")
 
 # %% ../nbs/00a_format.ipynb #8b47795a
 def make_messages(question: str, n_images: int = 1, system_prompt: Optional[str] = None) -> list[dict]:
