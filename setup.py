@@ -38,6 +38,8 @@ setuptools.setup(
     ],
     packages=setuptools.find_packages(include=["srpo_nb", "srpo_nb.*"]),
     include_package_data=True,
+    # data files shipped inside the package: the ablation configs and the launch presets (YAML)
+    package_data={"srpo_nb": ["configs/*/*.yaml", "configs/*/*.md", "presets/*.yaml"]},
     python_requires=">=" + cfg["min_python"],
     install_requires=_reqs("requirements"),
     extras_require={"gpu": _reqs("gpu_requirements"), "dev": _reqs("dev_requirements")},
