@@ -11,12 +11,13 @@ from typing import Callable
 from fastcore.script import anno_parser, call_parse
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'demo', 'data_generate', 'data_reflect', 'serve', 'sft', 'grpo', 'main']
+__all__ = ['SUBCOMMANDS', 'USER_ERRORS', 'demo', 'data_generate', 'data_reflect', 'serve', 'sft', 'grpo', 'run_subcommand',
+           'main']
 
 # %% ../nbs/11_cli.ipynb #38222ccd
 @call_parse
 def demo(seed: int = 0,              # seed for the tiny model, the problems, sampling and training
-         out_dir: str = "runs/demo",  # the run folder (emptied first when it holds an earlier demo)
+         out_dir: str = "runs/demo",  # the run folder (an earlier demo's outputs in it are replaced; nothing else is touched)
          sft_steps: int = 40,         # reflection cold-start SFT steps
          grpo_steps: int = 8,         # GRPO steps
          max_new_tokens: int = 96,    # tokens the policy may write when it answers
@@ -24,7 +25,9 @@ def demo(seed: int = 0,              # seed for the tiny model, the problems, sa
          model: str = None,           # the starting policy (folder or hub id); default: the tiny model, built on first use
         ):
     "Run the SRPO chain on a CPU: answer, reflection data, SFT, GRPO, answer again — each stage on its tiny preset."
+    from srpo_nb.core import check_model_source
     from srpo_nb.demo import run_demo
+    if model is not None: check_model_source(model)
     run_demo(seed=seed, out_dir=out_dir, sft_steps=sft_steps, grpo_steps=grpo_steps, max_new_tokens=max_new_tokens,
              temperature=temperature, model_path=model)
 
@@ -59,14 +62,16 @@ def serve(model: str = "tiny",          # a model folder or hub id ('tiny' = the
           host: str = "127.0.0.1",    # address to listen on
           port: int = 8000,           # port (0 = any free port)
           device: str = "auto",       # cuda, cpu, mps or auto
-          max_new_tokens: int = 512,  # cap on tokens per reply
+          max_new_tokens: int = 512,  # cap on tokens per reply (a request asking more gets this many)
+          max_prompt_tokens: int = None,  # longest prompt accepted, in tokens (default: the model's context)
           model_name: str = None,     # the name clients use (default: the model folder's name)
          ):
     "Serve a local VLM behind an OpenAI-compatible /v1/chat/completions endpoint."
+    from srpo_nb.core import check_model_source
     from srpo_nb.models import resolve_model
     from srpo_nb.reflection_data import serve as _serve
-    _serve(resolve_model(model), host=host, port=port, device=device, max_new_tokens=max_new_tokens,
-           model_name=model_name)
+    _serve(resolve_model(check_model_source(model)), host=host, port=port, device=device, max_new_tokens=max_new_tokens,
+           max_prompt_tokens=max_prompt_tokens, model_name=model_name)
 
 @call_parse
 def sft(config: str = None,                  # a JSON/YAML file of SFTConfig fields
@@ -102,14 +107,38 @@ SUBCOMMANDS: dict[str, Callable] = {
 }
 
 def _usage() -> str:
-    lines = ["usage: srpo <subcommand> [options]   (srpo <subcommand> --help for its options)", "", "subcommands:"]
+    lines = ["usage: srpo <subcommand> [options] [--debug]   (srpo <subcommand> --help for its options;",
+             "       --debug shows the traceback of an error)", "", "subcommands:"]
     for name, fn in SUBCOMMANDS.items():
         lines.append(f"  {name:<16} {(fn.__doc__ or '').strip().splitlines()[0]}")
     return "\n".join(lines)
 
+USER_ERRORS = (ValueError, TypeError, LookupError, OSError, ImportError, RuntimeError)  # bad values, missing files, …
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    lines = [l for l in str(e).strip().splitlines() if l.strip()]
+    msg = lines[0] if lines else type(e).__name__
+    return msg if len(msg) <= limit else msg[:limit] + " …"
+
+def run_subcommand(name: str, fn: Callable, args: dict, debug: bool = False) -> int:
+    "Call `fn(**args)`; a raised error becomes one or two lines on stderr and exit code 1 (`debug`: the traceback)."
+    try:
+        fn(**args)
+    except KeyboardInterrupt:
+        if debug: raise
+        print(f"srpo {name}: interrupted", file=sys.stderr); return 130
+    except Exception as e:
+        if debug: raise
+        kind = "error" if isinstance(e, USER_ERRORS) else f"unexpected {type(e).__name__} (a bug? please report it)"
+        print(f"srpo {name}: {kind}: {_one_line(e)}\n(srpo {name} --debug shows the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
 def main(argv: list[str] | None = None) -> int:
-    "The `srpo` console script: dispatch to a subcommand."
+    "The `srpo` console script: dispatch to a subcommand; errors as one or two lines unless `--debug`."
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage()); return 0
     for n in (2, 1):
@@ -121,5 +150,5 @@ def main(argv: list[str] | None = None) -> int:
     rest = ["--" + a[2:].replace("-", "_") if a.startswith("--") and "=" not in a else a for a in argv[n:]]  # --n-train == --n_train
     args = vars(anno_parser(fn, prog=f"srpo {name}").parse_args(rest))
     args.pop("pdb", None); args.pop("xtra", None)
-    fn(**args)
-    return 0
+    return run_subcommand(name, fn, args, debug)
+

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import select
 import socket
 import threading
 import time
@@ -25,9 +26,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
-from .core import Config, check_choice, optional_import
+from .core import Config, check_choice, check_model_source, optional_import
 from .models import GENERATION_BACKENDS, VLLMGenerator, make_generator, resolve_model
 from .format import (SFT_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, _TAG_RE, make_messages, parse_completion,
                             render_sft_target)
@@ -35,14 +36,16 @@ from .format import (SFT_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, _TAG_RE, make_messa
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['UNFORMATTED_ANSWER', 'REFLECTION_PROMPT', 'REASONING_REQUEST', 'REPLY_RULES', 'RETRY_STATUS', 'TEACHERS',
-           'JOURNAL_KEYS', 'policy_prompt', 'clean_block', 'split_response', 'grade_response', 'response_record',
-           'sample_responses', 'select_mix', 'ReflectionRequest', 'Reflection', 'image_to_data_url',
-           'data_url_to_image', 'reflection_messages', 'TeacherError', 'RetryableError', 'parse_teacher_content',
-           'backoff_delay', 'OpenAITeacher', 'RequestError', 'from_openai_messages', 'to_openai_messages', 'ChatServer',
-           'make_server', 'serve', 'TemplateTeacher', 'second_think_text', 'sft_row', 'rows_to_dataset', 'sft_features',
-           'Journal', 'ReflectionDataConfig', 'load_config_problems', 'make_teacher', 'reflection_request', 'summarize',
-           'format_summary', 'build_reflection_data', 'load_sft_dataset', 'run_reflection_data']
+__all__ = ['UNFORMATTED_ANSWER', 'REFLECTION_PROMPT', 'REASONING_REQUEST', 'REPLY_RULES', 'RETRY_STATUS', 'AUTH_STATUS',
+           'CHAT_ROUTES', 'GET_ROUTES', 'CHARS_PER_TOKEN_MAX', 'TEACHERS', 'JOURNAL_KEYS', 'policy_prompt',
+           'clean_block', 'split_response', 'grade_response', 'response_record', 'sample_responses', 'select_mix',
+           'ReflectionRequest', 'Reflection', 'image_to_data_url', 'data_url_to_image', 'reflection_messages',
+           'TeacherError', 'TeacherAuthError', 'RetryableError', 'parse_teacher_content', 'backoff_delay',
+           'OpenAITeacher', 'RequestError', 'from_openai_messages', 'to_openai_messages', 'ClientGone', 'peer_closed',
+           'PromptTooLong', 'model_context', 'ChatServer', 'make_server', 'serve', 'TemplateTeacher',
+           'second_think_text', 'sft_row', 'rows_to_dataset', 'sft_features', 'Journal', 'ReflectionDataConfig',
+           'load_config_problems', 'make_teacher', 'reflection_request', 'summarize', 'format_summary', 'NoRowsError',
+           'build_reflection_data', 'load_sft_dataset', 'run_reflection_data']
 
 # %% ../nbs/05_reflection_data.ipynb #33840093
 def policy_prompt(problem) -> dict:
@@ -193,6 +196,9 @@ def reflection_messages(req: ReflectionRequest, want_reasoning: bool = False) ->
 class TeacherError(RuntimeError):
     "The teacher could not produce a reflection (a non-retryable error, or retries exhausted)."
 
+class TeacherAuthError(TeacherError):
+    "The endpoint refused the credentials (HTTP 401/403): never retried, and it stops the whole stage."
+
 class RetryableError(Exception):
     "A failure worth retrying: rate limit, server error, timeout, dropped connection, malformed reply."
     def __init__(self, reason: str, retry_after: Optional[float] = None):
@@ -234,6 +240,7 @@ def parse_teacher_content(content: Any, rule: str = "json", want_reasoning: bool
 
 # %% ../nbs/05_reflection_data.ipynb #6ffd3e34
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+AUTH_STATUS = frozenset({401, 403})   # never retried: the stage stops
 
 def backoff_delay(attempt: int, base: float = 1.0, cap: float = 60.0, retry_after: Optional[float] = None,
                   rng: Optional[random.Random] = None) -> float:
@@ -293,6 +300,7 @@ class OpenAITeacher:
         return key or None
 
     def _scrub(self, text: str) -> str:
+        "`text` with the API key replaced by [REDACTED] — always before any cut to length, so no part of it survives."
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         return text.replace(key, "[REDACTED]") if key and len(key) >= 4 else text
 
@@ -317,14 +325,15 @@ class OpenAITeacher:
                 with self._opener.open(req, timeout=self.timeout) as resp:
                     raw = resp.read()
             except urllib.error.HTTPError as e:
-                try: snippet = self._scrub(e.read(300).decode("utf-8", "replace")) if e.fp else ""
+                try: snippet = self._scrub(e.read(1 << 16).decode("utf-8", "replace"))[:300] if e.fp else ""
                 except (OSError, http.client.HTTPException): snippet = ""
                 if e.code in RETRY_STATUS:
                     ra = e.headers.get("Retry-After") if e.headers else None
                     try: ra = float(ra) if ra is not None else None
                     except ValueError: ra = None
                     raise RetryableError(f"HTTP {e.code}", retry_after=ra) from None
-                raise TeacherError(f"HTTP {e.code} from {url}: {snippet}") from None
+                kind = TeacherAuthError if e.code in AUTH_STATUS else TeacherError
+                raise kind(self._scrub(f"HTTP {e.code} from {url}: {snippet}")) from None
             except (TimeoutError, socket.timeout) as e:
                 raise RetryableError(f"timeout after {self.timeout}s") from None
             except urllib.error.URLError as e:
@@ -336,7 +345,7 @@ class OpenAITeacher:
             body = json.loads(raw)
             content = body["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError):
-            raise RetryableError(f"malformed response body: {self._scrub(raw[:80].decode('utf-8', 'replace'))!r}") from None
+            raise RetryableError(f"malformed response body: {self._scrub(raw[:1 << 16].decode('utf-8', 'replace'))[:80]!r}") from None
         return content
 
     def reflect(self, req: ReflectionRequest) -> Reflection:
@@ -348,11 +357,11 @@ class OpenAITeacher:
                 return Reflection(text, reasoning, attempts=attempt + 1)
             except RetryableError as e:
                 if attempt == self.max_retries:
-                    raise TeacherError(f"{req.id}: gave up after {attempt + 1} attempts; last error: {e.reason}") from None
+                    raise TeacherError(self._scrub(f"{req.id}: gave up after {attempt + 1} attempts; last error: {e.reason}")) from None
                 delay = backoff_delay(attempt, self.backoff_base, self.backoff_max, e.retry_after)
                 with self._lock: self.retries += 1
                 _log.warning("teacher retry %d/%d for %s: %s; waiting %.2fs", attempt + 1, self.max_retries, req.id,
-                            e.reason, delay)
+                            self._scrub(e.reason), delay)
                 time.sleep(delay)
 
 # %% ../nbs/05_reflection_data.ipynb #41baa599
@@ -401,52 +410,143 @@ def to_openai_messages(messages: list[dict], images: Sequence = ()) -> list[dict
     return out
 
 # %% ../nbs/05_reflection_data.ipynb #2868126c
+class ClientGone(Exception):
+    "The client of a request closed its connection: the generation for it is stopped."
+
+def peer_closed(sock) -> bool:
+    "True when the other end of `sock` has closed it (readable, and a peek reads nothing)."
+    try:
+        if not select.select([sock], [], [], 0)[0]: return False
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError: return False
+    except (OSError, ValueError): return True
+
+CHAT_ROUTES = ("/v1/chat/completions", "/chat/completions")
+GET_ROUTES = ("/v1/models", "/models", "/health")
+
 class _ChatHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "srpo-serve"
 
+    def setup(self):
+        self.timeout = self.server.socket_timeout   # a stalled client (or a lying Content-Length) frees the thread
+        super().setup()
+
     def log_message(self, fmt, *args): _log.debug("serve: " + fmt, *args)   # the request line only; never headers
 
-    def _send(self, code: int, obj: dict):
+    def _send(self, code: int, obj: dict, headers: Sequence = ()):
         body = json.dumps(obj).encode()
         self.send_response(code)
+        for k, v in headers: self.send_header(k, v)
+        if self.close_connection: self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
-    def _error(self, code: int, message: str, kind: str = "invalid_request_error"):
-        self._send(code, {"error": {"message": message, "type": kind, "code": None}})
+    def _error(self, code: int, message: str, kind: str = "invalid_request_error", code_name: Optional[str] = None,
+               headers: Sequence = ()):
+        self._send(code, {"error": {"message": message, "type": kind, "code": code_name}}, headers)
+
+    def _route(self) -> str: return self.path.split("?")[0].rstrip("/")
+
+    def _wrong_method(self):
+        path = self._route()
+        allow = "POST" if path in CHAT_ROUTES else "GET" if path in GET_ROUTES else None
+        if allow is None: return self._error(404, f"no route {path}")
+        self._error(405, f"{self.command} is not allowed on {path}; use {allow}", headers=[("Allow", allow)])
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_TRACE = do_CONNECT = _wrong_method
 
     def do_GET(self):
-        path = self.path.split("?")[0].rstrip("/")
+        path = self._route()
+        if path in CHAT_ROUTES: return self._wrong_method()
         if path in ("/v1/models", "/models"):
             self._send(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model", "owned_by": "srpo_nb"}]})
         elif path == "/health": self._send(200, {"status": "ok"})
         else: self._error(404, f"no route {path}")
 
+    def _body(self) -> Optional[bytes]:
+        "The request body, or None after answering the client's mistake (the connection is then closed)."
+        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
+            self.close_connection = True
+            return self._error(411, "chunked bodies are not supported: send a Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            self.close_connection = True
+            return self._error(411, "a Content-Length header is required")
+        try: n = int(raw)
+        except ValueError: n = -1
+        if n < 0:
+            self.close_connection = True
+            return self._error(400, f"bad Content-Length {raw[:20]!r}")
+        if n > self.server.max_body_bytes:
+            self.close_connection = True   # the body is not read: the connection cannot be reused
+            return self._error(413, f"request body of {n} bytes is over the limit of {self.server.max_body_bytes}")
+        try: data = self.rfile.read(n)
+        except (TimeoutError, socket.timeout):
+            data = b""
+        if len(data) < n:   # the client sent less than it announced, then stalled or left
+            self.close_connection = True
+            return self._error(408, f"the body ended after {len(data)} of {n} bytes (timeout {self.server.socket_timeout}s)")
+        return data
+
     def do_POST(self):
-        path = self.path.split("?")[0].rstrip("/")
-        if path not in ("/v1/chat/completions", "/chat/completions"): return self._error(404, f"no route {path}")
-        n = int(self.headers.get("Content-Length") or 0)
-        if n > self.server.max_body_bytes: return self._error(413, f"request body over {self.server.max_body_bytes} bytes")
+        path = self._route()
+        if path in GET_ROUTES: return self._wrong_method()
+        if path not in CHAT_ROUTES: return self._error(404, f"no route {path}")
+        data = self._body()
+        if data is None: return
         try:
-            reply = self.server.complete(json.loads(self.rfile.read(n) or b"null"))
-        except (RequestError, json.JSONDecodeError) as e:
-            return self._error(400, str(e))
+            req = json.loads(data.decode("utf-8")) if data else None
+            reply = self.server.complete(req, client_gone=lambda: peer_closed(self.connection))
+        except ClientGone as e:
+            self.close_connection = True
+            _log.info("serve: %s", e)
+            return
+        except PromptTooLong as e:
+            return self._error(e.status, str(e), code_name="context_length_exceeded")
+        except (RequestError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            return self._error(400, f"{'invalid JSON body: ' if not isinstance(e, RequestError) else ''}{e}")
         except Exception as e:   # a bug or a model failure: say so, keep serving
             _log.exception("serve: generation failed")
             return self._error(500, f"{type(e).__name__}: {e}", "server_error")
         self._send(200, reply)
+
+class PromptTooLong(RequestError):
+    "A prompt over the server's token limit (answered before any generation)."
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message); self.status = status
+
+CHARS_PER_TOKEN_MAX = 16   # a prompt with more characters than this × the token limit is refused before tokenizing
+
+def model_context(backend) -> Optional[int]:
+    "The context length (max position embeddings) of a generation backend's model, if it says."
+    if getattr(backend, "max_model_len", None): return int(backend.max_model_len)
+    cfg = getattr(getattr(backend, "model", None), "config", None)
+    for c in (getattr(cfg, "text_config", None), cfg):
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and n > 0: return n
+    return None
+
+def _stop_hook(model, client_gone: Callable[[], bool]):
+    "A forward pre-hook on `model` that raises ClientGone when the client has left; returns the handle (or None)."
+    if client_gone is None or not hasattr(model, "register_forward_pre_hook"): return None
+    steps = [0]
+    def hook(module, args):
+        steps[0] += 1
+        if client_gone(): raise ClientGone(f"client closed the connection: generation stopped after {steps[0]} forward passes")
+    return model.register_forward_pre_hook(hook)
 
 class ChatServer(ThreadingHTTPServer):
     "An OpenAI-compatible /v1/chat/completions server over a generation backend (see `make_server`)."
     daemon_threads = True
 
     def __init__(self, backend, model_name: str, host: str = "127.0.0.1", port: int = 0, max_new_tokens: int = 512,
-                 max_body_bytes: int = 64 * 2**20):
+                 max_body_bytes: int = 64 * 2**20, max_prompt_tokens: Optional[int] = None, socket_timeout: float = 30.0):
         super().__init__((host, port), _ChatHandler)
         self.backend, self.model_name, self.max_new_tokens, self.max_body_bytes = backend, model_name, max_new_tokens, max_body_bytes
+        self.max_prompt_tokens = max_prompt_tokens or model_context(backend) or 32768
+        self.socket_timeout = socket_timeout
         self.gen_lock = threading.Lock()
         self.served = 0
         self._thread = None
@@ -456,12 +556,31 @@ class ChatServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/v1"
 
+    def _processor(self):
+        return getattr(self.backend, "processor", None) or getattr(self.backend, "_processor", None)
+
     def _tokens(self, text: str) -> int:
-        tok = getattr(getattr(self.backend, "processor", None), "tokenizer", None)
+        tok = getattr(self._processor(), "tokenizer", None)
         return len(tok(text)["input_ids"]) if tok is not None else len(text.split())
 
-    def complete(self, req: Any) -> dict:
-        "The OpenAI chat-completion reply to one request body."
+    def prompt_tokens(self, messages: list[dict], images: list) -> int:
+        "Tokens of the prompt as the model sees it (chat template + image tokens); 400/413 when over the limit."
+        limit = self.max_prompt_tokens
+        chars = sum(len(c.get("text", "")) for m in messages for c in m["content"])
+        if chars > limit * CHARS_PER_TOKEN_MAX:
+            raise PromptTooLong(f"prompt of {chars} characters is over the limit of {limit} tokens", status=413)
+        proc = self._processor()
+        if proc is None: return 0
+        try:
+            text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            n = int(proc(text=[text], images=images or None, return_tensors="pt")["input_ids"].shape[1])
+        except Exception as e:   # the request's own content cannot be made into a prompt
+            raise RequestError(f"cannot build a prompt from these messages: {type(e).__name__}: {e}") from None
+        if n > limit: raise PromptTooLong(f"prompt of {n} tokens is over the limit of {limit} tokens")
+        return n
+
+    def complete(self, req: Any, client_gone: Optional[Callable[[], bool]] = None) -> dict:
+        "The OpenAI chat-completion reply to one request body (generation stops if `client_gone()` turns true)."
         if not isinstance(req, dict): raise RequestError("the request body must be a JSON object")
         if req.get("stream"): raise RequestError("stream=true is not supported")
         messages, images = from_openai_messages(req.get("messages"))
@@ -471,23 +590,28 @@ class ChatServer(ThreadingHTTPServer):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v) or not lo <= v <= hi:
                 raise RequestError(f"{key} must be a {kind.__name__} in [{lo}, {hi}], got {v!r}")
             return kind(v)
-        max_tokens = number("max_completion_tokens", None, int, 1, 1 << 20) or number("max_tokens", self.max_new_tokens, int, 1, 1 << 20)
+        asked = number("max_completion_tokens", None, int, 1, 1 << 20) or number("max_tokens", None, int, 1, 1 << 20)
+        max_tokens = min(asked or self.max_new_tokens, self.max_new_tokens)   # the server's limit is a cap
         temperature = number("temperature", 1.0, float, 0, 2)
         top_p = number("top_p", 1.0, float, 0, 1)
         n = number("n", 1, int, 1, 16)
         seed = number("seed", None, int, -2**63, 2**63 - 1)
-        with self.gen_lock:
-            outs = self.backend.generate([{"messages": messages, "images": images}], n=n, max_new_tokens=max_tokens,
-                                         temperature=temperature, top_p=top_p, seed=seed)[0]
+        with self.gen_lock:   # one generation at a time; the processor is not shared across threads
+            if client_gone is not None and client_gone(): raise ClientGone("client left while waiting for its turn")
+            n_prompt = self.prompt_tokens(messages, images)   # before generating: an over-long prompt never runs
+            hook = _stop_hook(getattr(self.backend, "model", None), client_gone)
+            try:
+                outs = self.backend.generate([{"messages": messages, "images": images}], n=n, max_new_tokens=max_tokens,
+                                             temperature=temperature, top_p=top_p, seed=seed)[0]
+            finally:
+                if hook is not None: hook.remove()
             self.served += 1
-        prompt_text = " ".join(c["text"] for m in messages for c in m["content"] if c["type"] == "text")
         used = [self._tokens(o) for o in outs]
         return {"id": f"chatcmpl-srpo-{self.served}", "object": "chat.completion", "created": int(time.time()),
                 "model": self.model_name,
                 "choices": [{"index": i, "message": {"role": "assistant", "content": o},
                              "finish_reason": "length" if u >= max_tokens else "stop"} for i, (o, u) in enumerate(zip(outs, used))],
-                "usage": {"prompt_tokens": self._tokens(prompt_text), "completion_tokens": sum(used),
-                          "total_tokens": self._tokens(prompt_text) + sum(used)}}
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": sum(used), "total_tokens": n_prompt + sum(used)}}
 
     def start(self) -> "ChatServer":
         "Serve from a background thread; returns self."
@@ -502,9 +626,11 @@ class ChatServer(ThreadingHTTPServer):
     def __enter__(self): return self.start()
     def __exit__(self, *exc): self.stop()
 
+
 # %% ../nbs/05_reflection_data.ipynb #0a606220
 def make_server(model: Any, host: str = "127.0.0.1", port: int = 0, device: Any = "auto", max_new_tokens: int = 512,
-                model_name: Optional[str] = None) -> ChatServer:
+                model_name: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
+                socket_timeout: float = 30.0) -> ChatServer:
     "A ChatServer for `model` (a folder or hub id, loaded with load_policy; or a generation backend); port 0 picks a free one."
     if isinstance(model, (str, os.PathLike)):
         backend = make_generator("hf", str(model), device=device, batch_size=1)
@@ -513,19 +639,24 @@ def make_server(model: Any, host: str = "127.0.0.1", port: int = 0, device: Any 
         backend, name = model, model_name or type(model).__name__
     else:
         raise TypeError("model must be a folder / hub id or a generation backend (HFGenerator, VLLMGenerator)")
-    return ChatServer(backend, name, host, port, max_new_tokens)
+    for k, v in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
+        if v is not None and v < 1: raise ValueError(f"{k} must be >= 1, got {v}")
+    return ChatServer(backend, name, host, port, max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                      socket_timeout=socket_timeout)
 
 def serve(model: Any, host: str = "127.0.0.1", port: int = 0, device: Any = "auto", max_new_tokens: int = 512,
-          model_name: Optional[str] = None) -> None:
+          model_name: Optional[str] = None, max_prompt_tokens: Optional[int] = None, socket_timeout: float = 30.0) -> None:
     "Serve `model` at http://host:port/v1 (OpenAI chat completions) until interrupted; prints the URL when ready."
-    server = make_server(model, host, port, device, max_new_tokens, model_name)
-    print(f"srpo serve: {server.model_name} at {server.url}", flush=True)
+    server = make_server(model, host, port, device, max_new_tokens, model_name, max_prompt_tokens, socket_timeout)
+    print(f"srpo serve: {server.model_name} at {server.url} (prompts up to {server.max_prompt_tokens} tokens, "
+          f"replies up to {server.max_new_tokens})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+
 
 # %% ../nbs/05_reflection_data.ipynb #1607c32b
 @dataclass
@@ -748,7 +879,7 @@ def _responses_stage(cfg, problems, journal, generator):
     if not todo: return generator
     _log.info("responses: %d of %d problems to answer", len(todo), len(problems))
     if generator is None:
-        generator = make_generator(cfg.backend, resolve_model(cfg.policy_model), device=cfg.device,
+        generator = make_generator(cfg.backend, resolve_model(check_model_source(cfg.policy_model)), device=cfg.device,
                                    batch_size=cfg.batch_size)
     from tqdm.auto import tqdm
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="policy responses", disable=not cfg.progress)
@@ -765,7 +896,6 @@ def _reflections_stage(cfg, by_id, responses, ids, journal, teacher) -> tuple[li
     todo = [i for i in ids if i not in done]
     if not todo: return [], 0, teacher
     teacher = teacher or make_teacher(cfg)
-    if hasattr(teacher, "check"): teacher.check()
     _log.info("reflections: %d of %d to write with %s", len(todo), len(ids), teacher.name)
     from tqdm.auto import tqdm
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="reflections", disable=not cfg.progress)
@@ -778,6 +908,10 @@ def _reflections_stage(cfg, by_id, responses, ids, journal, teacher) -> tuple[li
             i = futures[fut]
             try:
                 r = fut.result()
+            except TeacherAuthError as e:   # every other request would fail the same way: stop the stage
+                _log.error("reflections stopped: %s", e)
+                for f in futures: f.cancel()
+                raise
             except TeacherError as e:
                 failed.append(i)
                 _log.error("reflection failed for %s: %s", i, e)
@@ -827,6 +961,9 @@ def format_summary(s: dict) -> str:
     return "\n".join(lines)
 
 # %% ../nbs/05_reflection_data.ipynb #c0d704b7
+class NoRowsError(RuntimeError):
+    "The stage ended without a single SFT row (nothing usable, or every reflection failed)."
+
 def build_reflection_data(config: ReflectionDataConfig, problems: Optional[Sequence] = None, generator: Any = None,
                           teacher: Any = None):
     "Problems → responses → selection → reflections → SFT rows, resumable from the journal; returns (Dataset, summary)."
@@ -840,6 +977,10 @@ def build_reflection_data(config: ReflectionDataConfig, problems: Optional[Seque
         for p in problems:
             if p.id in by_id: raise ValueError(f"duplicate problem id {p.id!r}")
             by_id[p.id] = p
+        sel = journal.done("selection").get("mix")
+        if sel is None or any(i not in journal.done("reflection") for i in sel["ids"]):
+            teacher = teacher or make_teacher(cfg)   # a missing key fails here, before any policy rollout
+            if hasattr(teacher, "check"): teacher.check()
         _responses_stage(cfg, problems, journal, generator)
         responses = journal.done("response")
         missing = [i for i in responses if i not in by_id]
@@ -852,15 +993,16 @@ def build_reflection_data(config: ReflectionDataConfig, problems: Optional[Seque
         failed, retries, used = _reflections_stage(cfg, by_id, responses, sel["ids"], journal, teacher)
         reflections = journal.done("reflection")
         rows = [sft_row(by_id[i], responses[i], reflections[i], cfg.second_think) for i in sel["ids"] if i in reflections]
-        ds = rows_to_dataset(rows)
-        if not rows: _log.warning("no SFT rows: %d usable responses, %d selected", sum(r["usable"] for r in responses.values()),
-                                 len(sel["ids"]))
-        ds.to_parquet(str(out / "sft.parquet"))
         name = used.name if used is not None else next((r["teacher"] for r in reflections.values()), "none")
         summary = summarize(responses, sel["counts"], reflections, rows, failed, retries, name, cfg.second_think)
         summary["path"] = str(out / "sft.parquet")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if failed: _log.warning("%d reflections failed; rerun to retry them", len(failed))
+        if not rows:
+            raise NoRowsError(f"no SFT rows in {out}: {summary['usable']} usable responses, {len(sel['ids'])} selected, "
+                              f"{len(failed)} reflections failed (see {out / 'reflect.log'})")
+        ds = rows_to_dataset(rows)
+        ds.to_parquet(str(out / "sft.parquet"))
         _log.info("done: %d rows in %s", len(rows), summary["path"])
     return ds, summary
 

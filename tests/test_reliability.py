@@ -1,0 +1,310 @@
+"""Reliability faults a new user meets: a hostile or careless HTTP client against `srpo serve`, a teacher endpoint
+that refuses the key or echoes it back, config files with typos, run folders that already hold something, and
+kills in the middle of a checkpoint save. Each test names the fault it injects."""
+import contextlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from srpo_nb.core import ConfigError, RunFolderError
+from srpo_nb.data import generate_problems
+from srpo_nb.models import make_generator
+from srpo_nb.reflection_data import (ChatServer, NoRowsError, OpenAITeacher, ReflectionDataConfig, ReflectionRequest,
+                                     TeacherAuthError, TeacherError, build_reflection_data)
+
+KEY_ENV = "SRPO_TEST_RELIABILITY_KEY"
+SENTINEL = "sk-srpo-SENTINEL-" + os.urandom(8).hex()
+SRPO = str(Path(sys.executable).with_name("srpo"))
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    from srpo_nb.models import build_tiny_qwen25vl
+    return build_tiny_qwen25vl(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny_gen(tiny_path):
+    return make_generator("hf", tiny_path, device="cpu", batch_size=1)
+
+
+class Spy:
+    "A generation backend that records its calls and delegates to a real one (or answers a fixed text)."
+    def __init__(self, inner=None, text="<think>3 and 4</think><answer>\\boxed{7}</answer>"):
+        self.inner, self.text, self.calls = inner, text, []
+        self.processor = getattr(inner, "processor", None)
+        self.model = getattr(inner, "model", None)
+
+    def generate(self, prompts, n=1, **kw):
+        self.calls.append(dict(n_prompts=len(prompts), **kw))
+        if self.inner is not None: return self.inner.generate(prompts, n=n, **kw)
+        return [[self.text] * n for _ in prompts]
+
+
+@contextlib.contextmanager
+def chat_server(backend, **kw):
+    srv = ChatServer(backend, "tiny", **kw).start()
+    try: yield srv
+    finally: srv.stop()
+
+
+def post(url, body, timeout=10):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/chat/completions", data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r: return r.status, json.load(r)
+    except urllib.error.HTTPError as e:
+        return e.code, json.load(e)
+
+
+def raw_http(srv, request: bytes, wait=5.0) -> bytes:
+    "Send raw bytes to the server; return everything it sends back before closing (or `wait` seconds)."
+    host, port = srv.server_address[:2]
+    with socket.create_connection((host, port), timeout=wait) as s:
+        s.sendall(request)
+        out = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk: break
+                out += chunk
+                if b"\r\n\r\n" in out:
+                    head, _, body = out.partition(b"\r\n\r\n")
+                    n = next((int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")), None)
+                    if n is not None and len(body) >= n: break
+        except socket.timeout:
+            pass
+    return out
+
+
+def status(resp: bytes) -> int:
+    return int(resp.split(b" ", 2)[1]) if resp else 0
+
+
+MSG = lambda text: {"messages": [{"role": "user", "content": text}]}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# srpo serve: a prompt-token limit, a cap on max_tokens, 4xx for client mistakes, 405, timeouts, clients that leave
+
+def test_serve_prompt_limit_answered_before_generation(tiny_gen):
+    spy = Spy(tiny_gen)
+    with chat_server(spy, max_new_tokens=4, max_prompt_tokens=64) as srv:
+        code, body = post(srv.url, MSG("seven " * 150))      # 900 characters, > 64 tokens: tokenized, refused
+        assert code == 400 and body["error"]["code"] == "context_length_exceeded", body
+        assert "over the limit of 64 tokens" in body["error"]["message"]
+        t0 = time.time()
+        code, body = post(srv.url, MSG("x" * 5_000_000))     # 5 MB: refused by its length, never tokenized
+        assert code == 413 and time.time() - t0 < 3, (code, time.time() - t0)
+        assert spy.calls == []                                # nothing was generated for either
+        code, body = post(srv.url, MSG("hi"))
+        assert code == 200 and body["usage"]["prompt_tokens"] > 1
+    assert srv.max_prompt_tokens == 64
+    with chat_server(spy) as default:                         # default limit: the model's context
+        assert default.max_prompt_tokens == tiny_gen.model.config.text_config.max_position_embeddings
+
+
+def test_serve_caps_max_tokens(tiny_gen):
+    spy = Spy(tiny_gen)
+    with chat_server(spy, max_new_tokens=5) as srv:
+        code, body = post(srv.url, {**MSG("hi"), "max_tokens": 100000})
+        assert code == 200
+        code, _ = post(srv.url, {**MSG("hi"), "max_completion_tokens": 3})
+        assert code == 200
+    assert [c["max_new_tokens"] for c in spy.calls] == [5, 3]
+    assert body["usage"]["completion_tokens"] <= 5
+
+
+@pytest.mark.parametrize("request_bytes,want", [
+    (b"GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"PUT /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+    (b"DELETE /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 405),
+    (b"POST /v1/models HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 405),
+    (b"DELETE /nowhere HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n", 411),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n\xff\xfe\xfd\xfc", 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n[]", 400),
+    (b'POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 63\r\n\r\n'
+     b'{"messages": [{"role": "user", "content": [{"type": "image"}]}]}', 400),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+])
+def test_serve_client_mistakes_are_4xx(tiny_gen, request_bytes, want):
+    spy = Spy(tiny_gen)
+    with chat_server(spy, max_new_tokens=4) as srv:
+        resp = raw_http(srv, request_bytes)
+        assert status(resp) == want, resp[:300]
+        if want == 405: assert b"\r\nAllow: " in resp
+        assert spy.calls == []
+        assert post(srv.url, MSG("still serving"))[0] == 200   # and the server keeps serving
+
+
+def test_serve_short_body_times_out(tiny_gen):
+    with chat_server(Spy(tiny_gen), max_new_tokens=4, socket_timeout=0.5) as srv:
+        t0 = time.time()
+        resp = raw_http(srv, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"messa", wait=5)
+        assert status(resp) == 408 and time.time() - t0 < 3, (resp[:200], time.time() - t0)
+        assert post(srv.url, MSG("hi"))[0] == 200
+
+
+def test_serve_stops_generating_when_the_client_leaves(tiny_path, caplog):
+    gen = make_generator("hf", tiny_path, device="cpu", batch_size=1)
+    gen.model.generation_config.eos_token_id = None          # never stops early: only max_tokens ends a reply
+    steps = []
+    gen.model.register_forward_pre_hook(lambda m, a: steps.append(time.time()))
+    with chat_server(gen, max_new_tokens=4000) as srv, caplog.at_level(logging.INFO):
+        host, port = srv.server_address[:2]
+        body = json.dumps({**MSG("count"), "max_tokens": 4000}).encode()
+        s = socket.create_connection((host, port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        t0 = time.time()
+        while len(steps) < 20 and time.time() - t0 < 30: time.sleep(0.02)
+        assert len(steps) >= 20
+        s.close()                                             # the client gives up
+        t_close = time.time()
+        code, reply = post(srv.url, {**MSG("hi"), "max_tokens": 2}, timeout=8)   # served once the lock is free
+        waited = time.time() - t_close
+    assert code == 200 and waited < 5, waited
+    after = [t for t in steps if t > t_close + 0.5]
+    assert len(steps) < 1000 and len(after) <= 10, (len(steps), len(after))
+    assert any("generation stopped after" in m for m in caplog.messages), caplog.messages
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The teacher: redaction before truncation, the key checked first, auth errors stop the stage, no rows = failure
+
+class EchoHandler(BaseHTTPRequestHandler):
+    "Answers every request with `server.reply(auth) -> (status, raw body)`."
+    def log_message(self, *a): pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with self.server.lock: self.server.requests += 1
+        code, raw = self.server.reply(self.headers.get("Authorization", ""))
+        self.send_response(code); self.send_header("Content-Length", str(len(raw))); self.end_headers()
+        self.wfile.write(raw)
+
+
+@contextlib.contextmanager
+def echo_server(reply):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
+    srv.daemon_threads, srv.lock, srv.requests, srv.reply = True, threading.Lock(), 0, reply
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try: yield srv
+    finally: srv.shutdown(); srv.server_close()
+
+
+def _pieces(secret: str, n: int = 8):
+    "Every n-character piece of the secret: none may appear anywhere."
+    return [secret[i:i + n] for i in range(len(secret) - n + 1)]
+
+
+@pytest.mark.parametrize("where", ["error_body", "malformed_body"])
+def test_teacher_redacts_before_cutting(where, monkeypatch, caplog):
+    monkeypatch.setenv(KEY_ENV, SENTINEL)
+    if where == "error_body":   # a 400 body whose echoed key straddles the 300-character cut
+        reply = lambda auth: (400, b"e" * (300 - 10) + auth.encode())
+    else:                       # a 200 body that is not JSON, the key straddling the 80-character cut
+        reply = lambda auth: (200, b"m" * (80 - 10) + auth.encode())
+    with echo_server(reply) as srv, caplog.at_level(logging.DEBUG):
+        t = OpenAITeacher(model="m", base_url=srv.url, api_key_env=KEY_ENV, timeout=5, max_retries=1,
+                          backoff_base=0.01, backoff_max=0.02)
+        with pytest.raises(TeacherError) as e:
+            t.reflect(ReflectionRequest(id="r0", question="q", images=[], cot="c", answer="a", gold="g"))
+    text = str(e.value) + "\n" + caplog.text
+    leaks = [p for p in _pieces(SENTINEL) if p in text]
+    assert not leaks, f"part of the key leaked: {leaks[:3]}"
+
+
+def test_teacher_key_checked_before_rollouts(tmp_path, monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    spy = Spy()
+    cfg = ReflectionDataConfig.from_dict(preset="tiny", teacher="openai", teacher_base_url="https://api.example.invalid/v1",
+                                         api_key_env=KEY_ENV, out_dir=str(tmp_path / "r"), progress=False)
+    with pytest.raises(TeacherError, match=f"set the environment variable {KEY_ENV}"):
+        build_reflection_data(cfg, problems=generate_problems(4, seed=1), generator=spy)
+    assert spy.calls == [], "the policy was rolled out before the missing key was noticed"
+
+
+def test_teacher_auth_error_stops_the_stage(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SENTINEL)
+    with echo_server(lambda auth: (401, b'{"error": {"message": "bad key"}}')) as srv:
+        cfg = ReflectionDataConfig.from_dict(preset="tiny", teacher="openai", teacher_base_url=srv.url, api_key_env=KEY_ENV,
+                                             total=6, max_concurrency=1, max_retries=3, backoff_base=0.01,
+                                             out_dir=str(tmp_path / "r"), progress=False)
+        with pytest.raises(TeacherAuthError, match="HTTP 401"):
+            build_reflection_data(cfg, problems=generate_problems(8, seed=1), generator=Spy())
+        assert srv.requests <= 2, f"{srv.requests} requests after a 401"
+
+
+def test_stage_without_rows_exits_nonzero(tmp_path):
+    cfg = tmp_path / "r.json"
+    cfg.write_text(json.dumps({"preset": "tiny", "num_problems": 2, "max_new_tokens": 4, "total": 0,
+                               "out_dir": str(tmp_path / "r"), "progress": False}))
+    out = subprocess.run([SRPO, "data", "reflect", "--config", str(cfg)], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode == 1 and "no SFT rows" in out.stderr, (out.returncode, out.stderr[-1500:])
+    assert (tmp_path / "r" / "summary.json").exists()   # what happened is still written down
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configs and the command line: bad values named in one or two lines, before any model loads
+
+def test_config_types_from_yaml(tmp_path):
+    from srpo_nb.sft import SFTConfig
+    p = tmp_path / "sft.yaml"
+    p.write_text("preset: tiny\nlearning_rate: 1e-3\nweight_decay: 0\n")
+    cfg = SFTConfig.from_file(p)
+    assert isinstance(cfg.learning_rate, float) and cfg.learning_rate == 1e-3 and cfg.weight_decay == 0.0
+    p.write_text("preset: tiny\nmax_steps: ten\n")
+    with pytest.raises(ConfigError, match=r"SFTConfig\.max_steps='ten': expected an integer"):
+        SFTConfig.from_file(p)
+
+
+def test_cli_user_errors_are_two_lines(tmp_path):
+    env = dict(os.environ, SRPO_NB_HOME=str(tmp_path / "home"))
+    bad = tmp_path / "sft.yaml"
+    bad.write_text("preset: tiny\nmax_steps: ten\n")
+    out = subprocess.run([SRPO, "sft", "--config", str(bad)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 2, out.stderr[-2000:]
+    assert "max_steps='ten'" in out.stderr and "Traceback" not in out.stderr
+    dbg = subprocess.run([SRPO, "sft", "--config", str(bad), "--debug"], capture_output=True, text=True, env=env, timeout=120)
+    assert dbg.returncode == 1 and "Traceback" in dbg.stderr and "ConfigError" in dbg.stderr
+    missing = tmp_path / "runs" / "no-such-model"
+    (tmp_path / "runs").mkdir()
+    out = subprocess.run([SRPO, "serve", "--model", str(missing), "--port", "0"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 1 and f"model folder not found: '{missing}'" in out.stderr, out.stderr[-2000:]
+    assert len(out.stderr.strip().splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The demo never deletes what it did not write
+
+def test_demo_keeps_the_users_files(tmp_path, monkeypatch):
+    import srpo_nb.demo as demo
+    class Stop(Exception): pass
+    def stop(*a, **k): raise Stop()
+    monkeypatch.setattr(demo, "ask_policy", stop)            # stop each demo right after it prepared its folder
+    monkeypatch.setattr(demo, "tiny_model_path", lambda seed=0: tmp_path / "model")
+    run = tmp_path / "demo"
+    with pytest.raises(Stop): demo.run_demo(out_dir=str(run), verbose=False)
+    (run / "sft").mkdir(); (run / "sft" / "config.yaml").write_text("x")   # the first demo's own output
+    (run / "notes.md").write_text("the user's notes")                       # the user's file
+    with pytest.raises(Stop): demo.run_demo(out_dir=str(run), verbose=False)
+    assert (run / "notes.md").read_text() == "the user's notes"
+    assert not (run / "sft").exists()
