@@ -11,8 +11,8 @@ from typing import Callable
 from fastcore.script import anno_parser, call_parse
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'USER_ERRORS', 'demo', 'data_generate', 'data_reflect', 'serve', 'sft', 'grpo', 'run_subcommand',
-           'main']
+__all__ = ['SUBCOMMANDS', 'USER_ERRORS', 'demo', 'data_generate', 'data_reflect', 'serve', 'sft', 'grpo', 'evaluate',
+           'run_subcommand', 'main']
 
 # %% ../nbs/11_cli.ipynb #38222ccd
 @call_parse
@@ -96,6 +96,39 @@ def grpo(config: str = None,  # a JSON/YAML file of GRPOTrainConfig fields
     kw = dict(output_dir=output_dir, max_steps=max_steps, resume_from_checkpoint=resume_from_checkpoint)
     run_grpo(config, preset, **{k: v for k, v in kw.items() if v is not None})
 
+# %% ../nbs/11_cli.ipynb #e7a1c0de
+@call_parse
+def evaluate(model: str = "tiny",               # model folder(s) or hub id(s), comma-separated ('tiny' = the tiny Qwen2.5-VL): one column each
+             benchmarks: str = "generated",     # comma-separated: mathvista, mathverse, mathvision, mathvision_testmini, mmmu_pro (its three settings), mmmu_pro_10, mmmu_pro_4, mmmu_pro_vision, generated; NAME=PATH reads a local copy
+             limit: int = None,                 # the first N rows of each benchmark (default: all)
+             out: str = "runs/eval",            # folder for predictions.jsonl, metrics.json, report.md and report.png
+             config: str = None,                # a JSON/YAML file of EvalConfig fields (the options below override it)
+             preset: str = None,                # a named preset applied first (tiny)
+             max_new_tokens: int = None,        # cap on each answer's tokens (default 4096)
+             prompt: str = None,                # system prompt: srpo (default), sft or plain
+             backend: str = None,               # hf (default) or vllm
+             batch_size: int = None,            # questions per generate call (default 8)
+             temperature: float = None,         # 0 = greedy (default)
+             device: str = None,                # hf backend: cuda, cpu, mps or auto (default)
+             judge_model: str = None,           # an LLM judge on an OpenAI-compatible endpoint: adds a judge column
+             judge_base_url: str = None,        # the judge's endpoint (default https://api.openai.com/v1)
+             judge_api_key_env: str = None,     # NAME of the variable holding the judge's key (default OPENAI_API_KEY)
+            ):
+    "Evaluate models on the benchmarks: predictions, metrics and a report beside the paper's published numbers."
+    from pathlib import Path
+    from srpo_nb.eval import EvalConfig, run_eval
+    given = dict(max_new_tokens=max_new_tokens, prompt=prompt, backend=backend, batch_size=batch_size,
+                 temperature=temperature, device=device, judge_model=judge_model, judge_base_url=judge_base_url,
+                 judge_api_key_env=judge_api_key_env)
+    overrides = {k: v for k, v in given.items() if v is not None}
+    cfg = EvalConfig.from_file(config, **overrides) if config else EvalConfig.from_dict(overrides, preset=preset)
+    results = run_eval(model, benchmarks, out, limit, cfg)
+    for label, m in results.items():
+        for name, b in m["benchmarks"].items():
+            print(f"{label}  {name}: n={b['n']}  final {100 * b['final_accuracy']:.1f}%  first {100 * b['first_accuracy']:.1f}%  "
+                  f"reflection {100 * b['reflection_rate']:.1f}%  unparsed {b['unparsed']}")
+    print(f"report: {Path(out) / 'report.md'}")
+
 # %% ../nbs/11_cli.ipynb #c6fd2a09
 SUBCOMMANDS: dict[str, Callable] = {
     "demo": demo,
@@ -104,6 +137,7 @@ SUBCOMMANDS: dict[str, Callable] = {
     "serve": serve,
     "sft": sft,
     "grpo": grpo,
+    "eval": evaluate,
 }
 
 def _usage() -> str:
