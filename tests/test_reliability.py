@@ -216,10 +216,11 @@ def _pieces(secret: str, n: int = 8):
 @pytest.mark.parametrize("where", ["error_body", "malformed_body"])
 def test_teacher_redacts_before_cutting(where, monkeypatch, caplog):
     monkeypatch.setenv(KEY_ENV, SENTINEL)
+    head = len("Bearer ") + 12   # the cut falls 12 characters into the key
     if where == "error_body":   # a 400 body whose echoed key straddles the 300-character cut
-        reply = lambda auth: (400, b"e" * (300 - 10) + auth.encode())
+        reply = lambda auth: (400, b"e" * (300 - head) + auth.encode())
     else:                       # a 200 body that is not JSON, the key straddling the 80-character cut
-        reply = lambda auth: (200, b"m" * (80 - 10) + auth.encode())
+        reply = lambda auth: (200, b"m" * (80 - head) + auth.encode())
     with echo_server(reply) as srv, caplog.at_level(logging.DEBUG):
         t = OpenAITeacher(model="m", base_url=srv.url, api_key_env=KEY_ENV, timeout=5, max_retries=1,
                           backoff_base=0.01, backoff_max=0.02)
