@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 # %% auto #0
 __all__ = ['RUN_MARKER', 'CHECKPOINT_DONE', 'optional_import', 'is_installed', 'check_choice', 'seed_everything', 'get_device',
            'has_cuda', 'gpu_device_files', 'use_triton_interpreter', 'ConfigError', 'Config', 'RunFolderError',
-           'write_json_atomic', 'read_run_marker', 'claim_run_dir', 'finish_run', 'checkpoint_step',
+           'write_json_atomic', 'read_run_marker', 'claim_run_dir', 'finish_run', 'trim_jsonl', 'checkpoint_step',
            'mark_checkpoint_complete', 'is_complete_checkpoint', 'latest_complete_checkpoint', 'checkpoint_callback',
            'check_model_source', 'cache_dir']
 
@@ -276,11 +276,26 @@ def claim_run_dir(run_dir: str | os.PathLike, kind: str, resume: bool = False, o
         write_json_atomic(d / RUN_MARKER, marker)
     return marker
 
-def finish_run(run_dir: str | os.PathLike, **fields) -> dict:
-    "Mark the run in `run_dir` finished (with `fields`, e.g. global_step), in its run marker."
-    marker = {**(read_run_marker(run_dir) or {}), **fields, "finished": True}
+def finish_run(run_dir: str | os.PathLike, finished: bool = True, **fields) -> dict:
+    "Record the end of the run in `run_dir` (`finished`: it reached its last step; `fields`, e.g. global_step)."
+    marker = {**(read_run_marker(run_dir) or {}), **fields, "finished": finished}
     write_json_atomic(Path(run_dir) / RUN_MARKER, marker)
     return marker
+
+def trim_jsonl(path: str | os.PathLike, max_step: int, key: str = "step") -> int:
+    "Drop the records of a JSON-lines log after `max_step` (a resumed run logs those steps again); returns how many."
+    p = Path(path)
+    if not p.exists(): return 0
+    keep, dropped = [], 0
+    for line in p.read_text().splitlines():
+        try: rec = json.loads(line)
+        except ValueError: dropped += 1; continue   # a line torn by a kill
+        if isinstance(rec, dict) and isinstance(rec.get(key), (int, float)) and rec[key] > max_step: dropped += 1
+        else: keep.append(line)
+    if dropped:
+        tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(l + "\n" for l in keep)); os.replace(tmp, p)
+    return dropped
 
 
 # %% ../nbs/00_core.ipynb #fd184d0c
