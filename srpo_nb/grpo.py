@@ -17,15 +17,16 @@ from typing import Any, ClassVar, Optional, Sequence
 from .core import Config, check_choice, has_cuda, is_installed, optional_import, seed_everything
 from .data import Problem, format_question, load_problem_source
 from .format import RL_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, make_messages
-from .models import load_policy, resolve_dtype, resolve_model, trainable_parameter_names
+from .models import (PRECISIONS, cast_trainable, import_unsloth, load_policy, lora_config, precision_plan, resolve_model,
+                     trainable_parameter_names, use_unsloth_now, vision_token_ids)
 from .rewards import TRANSITIONS, VARIANTS, RewardConfig, make_reward_funcs, reward_weights
 
 # %% auto #0
 __all__ = ['SYSTEM_PROMPTS', 'LOSS_TYPES', 'REWARD_COMPONENTS', 'TRANSITION_COMPONENTS', 'PROGRESS_KEYS', 'GRPOTrainConfig',
-           'batch_plan', 'world_size', 'trl_args', 'grpo_row', 'prompt_length', 'grpo_dataset', 'load_grpo_problems',
-           'build_reward_funcs', 'online_filter', 'srpo_trainer_class', 'metrics_callback', 'progress_callback',
-           'read_metrics', 'metric_series', 'plot_grpo_metrics', 'find_checkpoint', 'GRPOResult', 'train_grpo',
-           'run_grpo']
+           'batch_plan', 'world_size', 'vllm_args', 'trl_args', 'grpo_row', 'prompt_length', 'grpo_dataset',
+           'load_grpo_problems', 'build_reward_funcs', 'online_filter', 'srpo_trainer_class', 'metrics_callback',
+           'progress_callback', 'read_metrics', 'metric_series', 'plot_grpo_metrics', 'find_checkpoint', 'GRPOResult',
+           'train_grpo', 'run_grpo']
 
 # %% ../nbs/08_grpo.ipynb #94f1e094
 SYSTEM_PROMPTS = {"rl": RL_SYSTEM_PROMPT, "think_answer": THINK_ANSWER_PROMPT, "none": None}
@@ -38,8 +39,10 @@ class GRPOTrainConfig(Config):
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # policy folder or hub id (the paper starts from its SFT checkpoint); "tiny" = the local tiny model
     lora: Any = None                  # None = full fine-tune (paper); True or a dict of peft.LoraConfig arguments = LoRA
     freeze_vision: bool = True        # vision tower and projector frozen (paper)
-    dtype: str = "auto"               # "auto": bfloat16 on a bf16 GPU, else float32
-    use_unsloth: bool = False         # load with unsloth's FastVisionModel (CUDA + unsloth installed only)
+    dtype: str = "auto"               # compute precision: "auto" (bf16 GPU: bfloat16, T4/V100: float16, CPU: float32), "bfloat16", "float16", "float32"; full fine-tuning keeps fp32 master weights (models.precision_plan)
+    pure_bf16: bool = False           # opt-in: full fine-tuning with bf16 weights (updates below bf16's resolution are lost)
+    load_in_4bit: bool = False        # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA; needs lora)
+    use_unsloth: Any = False          # unsloth's FastVisionModel: False, True (CUDA + unsloth) or "auto"
     attn_implementation: Optional[str] = None  # e.g. "flash_attention_2" on a GPU; None = transformers' default
     gradient_checkpointing: bool = True  # trade compute for memory (off in the tiny preset)
     # data
@@ -82,8 +85,14 @@ class GRPOTrainConfig(Config):
     seed: int = 42
     # generation backends
     use_vllm: bool = False            # generate with vLLM (CUDA + vllm installed only)
-    vllm_mode: str = "colocate"       # "colocate" (same GPUs) or "server" (`trl vllm-serve`)
-    vllm_gpu_memory_utilization: float = 0.3
+    vllm_mode: str = "colocate"       # "colocate" (same GPUs) or "server" (`trl vllm-serve` on other GPUs)
+    vllm_gpu_memory_utilization: float = 0.3  # colocate: share of each GPU vLLM may take (weights + KV cache)
+    vllm_max_model_length: Optional[int] = None  # colocate: context vLLM sizes its KV cache for (None = max_prompt_length + max_completion_length)
+    vllm_tensor_parallel_size: int = 1  # colocate: GPUs per vLLM engine
+    vllm_enable_sleep_mode: bool = False  # colocate: free vLLM's memory during the optimizer step (slower wake-up)
+    vllm_server_base_url: Optional[str] = None  # server: e.g. "http://node0:8000" (overrides host and port)
+    vllm_server_host: str = "0.0.0.0"  # server: host of `trl vllm-serve`
+    vllm_server_port: int = 8000       # server: its port
     # outputs
     output_dir: str = "runs/grpo"
     run_name: Optional[str] = None
@@ -113,6 +122,10 @@ class GRPOTrainConfig(Config):
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("scale_rewards", self.scale_rewards, ["group", "batch", "none"])
         check_choice("vllm_mode", self.vllm_mode, ["colocate", "server"])
+        check_choice("dtype", self.dtype, PRECISIONS)
+        check_choice("use_unsloth", self.use_unsloth, ["auto", True, False])
+        if self.load_in_4bit and self.lora is None: raise ValueError("load_in_4bit=True (QLoRA) needs lora (True or a dict)")
+        if self.pure_bf16 and self.lora is not None: raise ValueError("pure_bf16=True is for full fine-tuning (lora=None)")
         if not 0 <= self.filter_low <= self.filter_high <= 1:
             raise ValueError(f"need 0 <= filter_low <= filter_high <= 1, got {self.filter_low}, {self.filter_high}")
         if self.num_generations < 2: raise ValueError(f"num_generations (G) must be >= 2, got {self.num_generations}")
@@ -153,6 +166,15 @@ def _report_to(config: GRPOTrainConfig) -> list[str]:
         out.append("wandb")
     return out
 
+def vllm_args(config: GRPOTrainConfig) -> dict:
+    "TRL's vLLM settings for `config`: the KV cache sized for prompt + completion (not the model's 128k context)."
+    return dict(use_vllm=config.use_vllm, vllm_mode=config.vllm_mode,
+                vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                vllm_max_model_length=config.vllm_max_model_length or (config.max_prompt_length or 1024) + config.max_completion_length,
+                vllm_tensor_parallel_size=config.vllm_tensor_parallel_size, vllm_enable_sleep_mode=config.vllm_enable_sleep_mode,
+                vllm_server_base_url=config.vllm_server_base_url, vllm_server_host=config.vllm_server_host,
+                vllm_server_port=config.vllm_server_port)
+
 def trl_args(config: GRPOTrainConfig, n_processes: Optional[int] = None, reward_weights: Optional[list] = None):
     "TRL's `GRPOConfig` for this stage config."
     import torch
@@ -162,7 +184,7 @@ def trl_args(config: GRPOTrainConfig, n_processes: Optional[int] = None, reward_
     cuda = has_cuda()
     if config.use_vllm and not (cuda and is_installed("vllm")):
         raise RuntimeError("use_vllm=True needs a CUDA GPU and vllm: pip install 'srpo_nb[gpu]'")
-    bf16 = cuda and resolve_dtype(config.dtype) == torch.bfloat16
+    precision = precision_plan(config.dtype, config.lora is not None, config.load_in_4bit, config.pure_bf16)
     sched_kwargs = {"min_lr_rate": config.min_lr_ratio} if config.lr_scheduler == "cosine_with_min_lr" else None
     return GRPOConfig(
         output_dir=config.output_dir, run_name=config.run_name, seed=config.seed, use_cpu=not cuda,
@@ -176,8 +198,8 @@ def trl_args(config: GRPOTrainConfig, n_processes: Optional[int] = None, reward_
         loss_type=config.loss_type, scale_rewards=config.scale_rewards,
         temperature=config.temperature, max_completion_length=config.max_completion_length,
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
-        bf16=bf16, gradient_checkpointing=config.gradient_checkpointing,
-        use_vllm=config.use_vllm, vllm_mode=config.vllm_mode, vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+        bf16=precision.bf16, fp16=precision.fp16, gradient_checkpointing=config.gradient_checkpointing,
+        **vllm_args(config),
         reward_weights=reward_weights, logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=config.save_total_limit, log_completions=config.log_completions,
         num_completions_to_print=config.print_completions, report_to=_report_to(config) or "none",
@@ -424,6 +446,7 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
     `reward_funcs` (TRL reward functions, all weight 1) and `train_dataset` (GRPO rows) replace the config's reward and
     problems — for experiments and tests; the online filter then needs a function named `filter_on`. `policy`: a
     `(model, processor)` pair already in memory (e.g. a random-init model for a benchmark) instead of `config.model`."""
+    if use_unsloth_now(config.use_unsloth) and policy is None: import_unsloth()  # before transformers/trl/peft load
     import torch
     out = Path(config.output_dir); out.mkdir(parents=True, exist_ok=True)
     if config.num_threads: torch.set_num_threads(config.num_threads)
@@ -434,22 +457,29 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
     model_name = resolve_model(config.model)
     full_resume = ckpt is not None and config.lora is None
     proc_kwargs = {"max_pixels": config.max_pixels} if config.max_pixels else {}
+    # the training arguments first: they set up the distributed state (and ZeRO-3's partitioned loading)
+    args = trl_args(config, reward_weights=None if reward_funcs is not None else
+                    reward_weights(build_reward_funcs(config)[0]))
     if policy is not None:
         if full_resume: raise ValueError("a full-model run resumes by loading the checkpoint: pass policy=None")
         model, processor = policy
-    else:
+    else:  # on this process's own device; LoRA adapters are left to the trainer (peft_config below)
         model, processor = load_policy(ckpt if full_resume else model_name, lora=config.lora,
-                                       freeze_vision=config.freeze_vision, dtype=config.dtype,
-                                       device="cuda" if has_cuda() else "cpu", use_unsloth=config.use_unsloth,
-                                       attn_implementation=config.attn_implementation,
+                                       freeze_vision=config.freeze_vision, dtype=config.dtype, device="auto",
+                                       use_unsloth=config.use_unsloth, attn_implementation=config.attn_implementation,
                                        max_seq_length=(config.max_prompt_length or 1024) + config.max_completion_length,
-                                       **proc_kwargs)
+                                       load_in_4bit=config.load_in_4bit, pure_bf16=config.pure_bf16, seed=config.seed,
+                                       wrap_lora=False, **proc_kwargs)
+    peft_config = None
+    if config.lora is not None and not hasattr(model, "peft_config"):  # unsloth (or the caller) wrapped it already
+        peft_config = lora_config(config.lora)
+    if not config.use_vllm:  # the vision placeholders are input-only: a sampled one would break the next forward
+        args.generation_kwargs = {**(args.generation_kwargs or {}), "suppress_tokens": vision_token_ids(processor)}
     if full_resume: model.config._name_or_path = model_name  # a β > 0 reference model is the initial policy
     if reward_funcs is None:
-        reward_funcs, weights = build_reward_funcs(config, processor.tokenizer)
+        reward_funcs, _ = build_reward_funcs(config, processor.tokenizer)
         filter_reward = next((f.__name__ for f in reward_funcs if getattr(f, "component", None) == config.filter_on), None)
     else:
-        weights = None
         filter_reward = config.filter_on if any(getattr(f, "__name__", "") == config.filter_on for f in reward_funcs) else None
     if config.online_filter and filter_reward is None:
         raise ValueError(f"online_filter=True needs a reward function named {config.filter_on!r} (or set online_filter=False)")
@@ -457,14 +487,14 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
     if train_dataset is None:
         train_dataset, report = grpo_dataset(load_grpo_problems(config), config.prompt_text(), processor,
                                              config.max_prompt_length)
-    args = trl_args(config, reward_weights=weights)
     metrics_path = out / "metrics.jsonl"
     if rank0 and ckpt is None and metrics_path.exists(): metrics_path.unlink()
     trainer = srpo_trainer_class()(
         model=model, processing_class=processor, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-        callbacks=[metrics_callback(metrics_path), *(callbacks or [])],
+        peft_config=peft_config, callbacks=[metrics_callback(metrics_path), *(callbacks or [])],
         filter_reward=filter_reward if config.online_filter else None,
         filter_low=config.filter_low, filter_high=config.filter_high)
+    if args.fp16: cast_trainable(trainer.model, "float32")  # fp16 loss scaling unscales fp32 gradients only
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)
     if config.verbose: trainer.add_callback(progress_callback(config.reward))

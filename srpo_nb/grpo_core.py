@@ -60,7 +60,7 @@ def encode_rollouts(processor, prompts: Sequence[list], images: Optional[Sequenc
 
 # %% ../nbs/07_grpo_from_scratch.ipynb #056e727b
 PAPER_STD_EPS = 1e-9  # ε of the advantage in SRPO's paper and released code
-TRL_STD_EPS = 1e-4    # ε TRL 1.16's GRPOTrainer hard-codes
+TRL_STD_EPS = 1e-4    # ε TRL 1.15's GRPOTrainer hard-codes
 ADVANTAGE_SCALES = ("group", "batch", "none")
 
 def _nanstd(x, dim=None):

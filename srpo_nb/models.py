@@ -15,10 +15,12 @@ from .core import check_choice, get_device, has_cuda, is_installed, optional_imp
 
 # %% auto #0
 __all__ = ['QWEN_ADDED_TOKENS', 'QWEN_FIRST_ADDED_ID', 'QWEN25VL_CHAT_TEMPLATE', 'TINY_TEXT_CONFIG', 'TINY_VISION_CONFIG',
-           'TINY_MIN_PIXELS', 'TINY_MAX_PIXELS', 'VISION_MODULE_NAMES', 'LM_LORA_TARGETS', 'GENERATION_BACKENDS',
-           'build_qwen_tokenizer', 'build_tiny_processor', 'build_tiny_qwen25vl', 'tiny_model_path', 'resolve_model',
-           'state_dict_equal', 'vision_modules', 'freeze_vision_tower', 'trainable_parameter_names', 'lora_config',
-           'resolve_dtype', 'load_policy', 'check_prompts', 'HFGenerator', 'VLLMGenerator', 'make_generator']
+           'TINY_MIN_PIXELS', 'TINY_MAX_PIXELS', 'VISION_MODULE_NAMES', 'LM_LORA_TARGETS', 'PRECISIONS',
+           'VISION_PLACEHOLDERS', 'GENERATION_BACKENDS', 'build_qwen_tokenizer', 'build_tiny_processor',
+           'build_tiny_qwen25vl', 'tiny_model_path', 'resolve_model', 'state_dict_equal', 'vision_modules',
+           'freeze_vision_tower', 'trainable_parameter_names', 'lora_config', 'resolve_dtype', 'PrecisionPlan',
+           'precision_plan', 'bnb_config', 'cast_trainable', 'process_device', 'use_unsloth_now', 'import_unsloth',
+           'load_policy', 'vision_token_ids', 'check_prompts', 'HFGenerator', 'VLLMGenerator', 'make_generator']
 
 # %% ../nbs/01_models.ipynb #5c57f610
 QWEN_ADDED_TOKENS = (  # (token, special) in id order, starting at 151643 in the real vocabulary
@@ -219,44 +221,170 @@ def resolve_dtype(dtype: Any = "auto", device=None):
     if not isinstance(d, torch.dtype): raise ValueError(f"dtype={dtype!r} is not a torch dtype")
     return d
 
+# %% ../nbs/01_models.ipynb #2537bc1d
+PRECISIONS = ("auto", "bfloat16", "float16", "float32")
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    "How a policy is held for training: what `precision_plan` decided and why."
+    compute: str         # dtype the forward/backward runs in: bfloat16, float16 or float32
+    weights: str         # dtype the weights are loaded in (float32 = fp32 master weights for full fine-tuning)
+    bf16: bool           # TrainingArguments.bf16: bf16 autocast
+    fp16: bool           # TrainingArguments.fp16: fp16 autocast with loss scaling
+    load_in_4bit: bool   # frozen base quantised to NF4 (QLoRA)
+    trainable_fp32: bool # trained tensors in float32: master weights, or adapters (PEFT upcasts them; TRL keeps the base dtype under ZeRO-3)
+
+    @property
+    def torch_weights(self):
+        import torch
+        return getattr(torch, self.weights)
+
+def _cuda_caps(device) -> tuple[bool, bool, str]:
+    "(cuda, bf16 supported, GPU name) for the device the policy trains on."
+    import torch
+    dev = get_device(device)
+    if dev.type != "cuda": return False, False, dev.type
+    return True, bool(torch.cuda.is_bf16_supported()), torch.cuda.get_device_name(dev.index or 0)
+
+def precision_plan(dtype: str = "auto", lora: bool = False, load_in_4bit: bool = False, pure_bf16: bool = False,
+                   device: Any = "auto") -> PrecisionPlan:
+    "The one dtype rule: compute dtype, master/frozen weight dtypes and trainer flags for a run on `device`."
+    check_choice("dtype", dtype, PRECISIONS)
+    cuda, bf16_ok, gpu = _cuda_caps(device)
+    if dtype == "auto": compute = ("bfloat16" if bf16_ok else "float16") if cuda else "float32"
+    else: compute = dtype
+    if compute == "float16" and not cuda:
+        raise ValueError("dtype='float16' needs a CUDA GPU (fp16 mixed precision); on a CPU use 'float32' or 'bfloat16'")
+    if compute == "bfloat16" and cuda and not bf16_ok:
+        raise ValueError(f"dtype='bfloat16': the GPU {gpu!r} has no bfloat16; use dtype='float16' (or 'auto')")
+    if load_in_4bit:
+        if not lora: raise ValueError("load_in_4bit=True (QLoRA) trains LoRA adapters: set lora / finetune='lora'")
+        if not cuda: raise ValueError("load_in_4bit=True needs a CUDA GPU (bitsandbytes)")
+        if compute == "float32": raise ValueError("load_in_4bit=True needs a half-precision compute dtype (bfloat16 or float16)")
+    if pure_bf16:
+        if lora: raise ValueError("pure_bf16=True is for full fine-tuning; LoRA already keeps the frozen base in bf16")
+        if compute != "bfloat16": raise ValueError(f"pure_bf16=True needs dtype='bfloat16' (the compute dtype is {compute})")
+    if lora: weights = compute                       # frozen base in half precision (or 4-bit), adapters apart
+    else: weights = "bfloat16" if pure_bf16 else "float32"  # full fine-tuning: fp32 master weights
+    return PrecisionPlan(compute=compute, weights=weights, bf16=compute == "bfloat16", fp16=compute == "float16",
+                         load_in_4bit=load_in_4bit, trainable_fp32=not pure_bf16)
+
+def bnb_config(plan: PrecisionPlan):
+    "bitsandbytes NF4 settings for a QLoRA plan (vision tower and lm_head left unquantised); None otherwise."
+    if not plan.load_in_4bit: return None
+    optional_import("bitsandbytes", extra="gpu", purpose="4-bit QLoRA (load_in_4bit=True)")
+    from transformers import BitsAndBytesConfig
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=plan.torch_weights,
+                              llm_int8_skip_modules=["visual", "lm_head"])
+
+def cast_trainable(model, dtype="float32") -> int:
+    "Cast the tensors that train to `dtype` (fp16 loss scaling needs fp32 trainable tensors); returns how many."
+    import torch
+    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dt: p.data = p.data.to(dt); n += 1
+    return n
+
 # %% ../nbs/01_models.ipynb #5b22fd44
-def _use_unsloth(use_unsloth) -> bool:
+def process_device(device: Any = "auto"):
+    "The device this process trains on: `cuda:LOCAL_RANK` under torchrun/accelerate on a GPU machine, else `get_device`."
+    import torch
+    if device in (None, "auto") and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return get_device(device)
+
+def _zero3() -> bool:
+    "True when DeepSpeed ZeRO-3 is set up (TrainingArguments built first): from_pretrained then partitions the weights."
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+        return bool(is_deepspeed_zero3_enabled())
+    except ImportError:
+        return False
+
+def use_unsloth_now(use_unsloth: Any) -> bool:
+    "Whether unsloth will load the policy: True needs CUDA and unsloth; 'auto' uses it when both are there."
     check_choice("use_unsloth", use_unsloth, ["auto", True, False])
     available = has_cuda() and is_installed("unsloth")
     if use_unsloth is True and not available:
         raise RuntimeError("use_unsloth=True needs a CUDA GPU and unsloth: pip install 'srpo_nb[gpu]'")
     return use_unsloth is True or (use_unsloth == "auto" and available)
 
-def _load_unsloth(name_or_path, lora, freeze_vision, dtype, max_seq_length):
-    unsloth = optional_import("unsloth", purpose="FastVisionModel")
-    model, processor = unsloth.FastVisionModel.from_pretrained(name_or_path, dtype=dtype, load_in_4bit=False,
-                                                               max_seq_length=max_seq_length)
+def import_unsloth():
+    "Import unsloth before transformers/trl/peft (its patches apply at import); warn when they were imported first."
+    import sys
+    if "unsloth" in sys.modules: return sys.modules["unsloth"]
+    early = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
+    if early:
+        import warnings
+        warnings.warn(f"unsloth is imported after {', '.join(early)}: some of its patches may not apply. "
+                      "Import unsloth (or call srpo_nb.models.import_unsloth()) first in your process.", stacklevel=2)
+    return optional_import("unsloth", purpose="FastVisionModel")
+
+def _load_unsloth(name_or_path, lora, freeze_vision, plan: PrecisionPlan, max_seq_length, seed):
+    unsloth = import_unsloth()
+    model, processor = unsloth.FastVisionModel.from_pretrained(
+        name_or_path, dtype=getattr(__import__("torch"), plan.compute), load_in_4bit=plan.load_in_4bit,
+        max_seq_length=max_seq_length, full_finetuning=lora is None, use_gradient_checkpointing="unsloth")
     if lora is not None:
         cfg = lora_config(lora)
+        # unsloth's fast LoRA kernels need dropout 0: True (our default) gets 0; an explicit dropout is honoured
+        dropout = 0.0 if lora is True or (isinstance(lora, dict) and "lora_dropout" not in lora) else cfg.lora_dropout
+        target = cfg.target_modules if isinstance(cfg.target_modules, str) else sorted(cfg.target_modules or []) or None
         model = unsloth.FastVisionModel.get_peft_model(
             model, finetune_vision_layers=not freeze_vision, finetune_language_layers=True,
-            finetune_attention_modules=True, finetune_mlp_modules=True,
-            r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, bias=cfg.bias)
+            finetune_attention_modules=True, finetune_mlp_modules=True, target_modules=target,
+            r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=dropout, bias=cfg.bias,
+            random_state=seed, use_gradient_checkpointing="unsloth")
     return model, processor
 
 def load_policy(name_or_path: str | os.PathLike, lora: Any = None, freeze_vision: bool = True, dtype: Any = "auto",
                 device: Any = "auto", use_unsloth: Any = "auto", attn_implementation: Optional[str] = None,
-                max_seq_length: int = 4096, **processor_kwargs):
-    "Load a Qwen2.5-VL-style policy and its processor (hub id or folder), with optional LoRA and a frozen vision tower."
+                max_seq_length: int = 4096, load_in_4bit: bool = False, pure_bf16: bool = False, seed: int = 0,
+                wrap_lora: bool = True, **processor_kwargs):
+    """Load a Qwen2.5-VL-style policy and its processor (hub id or folder), with optional LoRA and a frozen vision tower.
+
+    `dtype` is a compute precision ('auto', 'bfloat16', 'float16', 'float32'; see `precision_plan`: full fine-tuning
+    keeps fp32 master weights) or a torch dtype / other dtype name, taken as the weights' dtype as is. `device` 'auto'
+    is this process's GPU (LOCAL_RANK) or the CPU; None leaves the weights where loading put them (ZeRO-3).
+    `wrap_lora=False` returns the base model for a trainer that builds the adapters from `lora_config(lora)`."""
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    torch_dtype = resolve_dtype(dtype, device)
-    if _use_unsloth(use_unsloth):
-        model, processor = _load_unsloth(str(name_or_path), lora, freeze_vision, torch_dtype, max_seq_length)
+    if isinstance(dtype, str) and dtype in PRECISIONS:
+        plan = precision_plan(dtype, lora is not None, load_in_4bit, pure_bf16, device)
+        weights_dtype = plan.torch_weights
+    else:
+        if load_in_4bit or pure_bf16: raise ValueError("load_in_4bit / pure_bf16 need dtype in " + str(PRECISIONS))
+        weights_dtype = resolve_dtype(dtype, device)
+        name = str(weights_dtype).replace("torch.", "")
+        plan = PrecisionPlan(name, name, name == "bfloat16", name == "float16", False, name == "float32")
+    if use_unsloth_now(use_unsloth):
+        model, processor = _load_unsloth(str(name_or_path), lora, freeze_vision, plan, max_seq_length, seed)
     else:
         kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=torch_dtype, **kw)
+        dev = None if device is None or _zero3() else process_device(device)
+        if plan.load_in_4bit:
+            idx = dev.index if dev is not None and dev.index is not None else 0
+            kw.update(quantization_config=bnb_config(plan), device_map={"": idx})
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=weights_dtype, **kw)
         processor = AutoProcessor.from_pretrained(name_or_path, **processor_kwargs)
-        model.to(get_device(device))
-        if lora is not None:
+        if dev is not None and not plan.load_in_4bit: model.to(dev)
+        if lora is not None and wrap_lora:
             import peft
+            torch.manual_seed(seed)  # the adapters' random init
             model = peft.get_peft_model(model, lora_config(lora))
     if freeze_vision: freeze_vision_tower(model)
     return model, processor
+
+# %% ../nbs/01_models.ipynb #8d8ff79e
+VISION_PLACEHOLDERS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+def vision_token_ids(processor) -> list[int]:
+    "Ids of the vision placeholder tokens: prompt-only, so generation suppresses them (a sampled one breaks the next forward)."
+    tok = getattr(processor, "tokenizer", processor)
+    ids = [tok.convert_tokens_to_ids(t) for t in VISION_PLACEHOLDERS]
+    return [i for i in ids if i is not None and i != tok.unk_token_id]
 
 # %% ../nbs/01_models.ipynb #36e2987d
 def check_prompts(prompts: Sequence[dict], n: int = 1) -> None:
@@ -295,6 +423,7 @@ class HFGenerator:
                 sample = temperature > 0
                 with torch.no_grad():
                     seqs = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=sample,
+                                               suppress_tokens=vision_token_ids(self.processor),
                                                temperature=temperature if sample else None,
                                                top_p=top_p if sample else None, top_k=None,
                                                num_return_sequences=n, pad_token_id=tok.pad_token_id)
@@ -312,31 +441,47 @@ class VLLMGenerator:
     model: str                              # hub id or folder of a vLLM-supported VLM
     tensor_parallel_size: int = 1           # GPUs per model replica
     gpu_memory_utilization: float = 0.9     # share of GPU memory vLLM may take
-    max_model_len: Optional[int] = None     # context length (None: the model's own)
-    max_images_per_prompt: int = 1          # vLLM's limit_mm_per_prompt for images
+    max_model_len: Optional[int] = None     # context length vLLM sizes its KV cache for (None: the model's own, 128k for Qwen2.5-VL)
+    max_images_per_prompt: Optional[int] = None  # vLLM's limit_mm_per_prompt; None = the most images of any prompt in the first call
+    max_pixels: Optional[int] = None        # the image processor's pixel budget (mm_processor_kwargs), e.g. the trainer's
+    min_pixels: Optional[int] = None
     dtype: str = "auto"                     # weights dtype, as vLLM understands it
+    seed: int = 0                           # engine seed
     progress: bool = False                  # vLLM's own progress bar
     llm_kwargs: dict = field(default_factory=dict)  # anything else for vllm.LLM(...)
     _llm: Any = field(default=None, init=False, repr=False)
     _processor: Any = field(default=None, init=False, repr=False)
+    _image_limit: int = field(default=0, init=False, repr=False)
 
-    def _engine(self):
+    def engine_kwargs(self, images_per_prompt: int = 1) -> dict:
+        "The arguments `vllm.LLM` gets."
+        kw = dict(model=self.model, tensor_parallel_size=self.tensor_parallel_size, dtype=self.dtype, seed=self.seed,
+                  gpu_memory_utilization=self.gpu_memory_utilization,
+                  limit_mm_per_prompt={"image": max(1, self.max_images_per_prompt or images_per_prompt)})
+        if self.max_model_len: kw["max_model_len"] = self.max_model_len
+        mm = {k: v for k, v in (("max_pixels", self.max_pixels), ("min_pixels", self.min_pixels)) if v}
+        if mm: kw["mm_processor_kwargs"] = mm
+        return {**kw, **self.llm_kwargs}
+
+    def _engine(self, images_per_prompt: int = 1):
         if self._llm is None:
             vllm = optional_import("vllm", extra="gpu", purpose="vLLM rollouts")
             from transformers import AutoProcessor
             self._processor = AutoProcessor.from_pretrained(self.model)
-            kw = dict(model=self.model, tensor_parallel_size=self.tensor_parallel_size, dtype=self.dtype,
-                      gpu_memory_utilization=self.gpu_memory_utilization,
-                      limit_mm_per_prompt={"image": self.max_images_per_prompt})
-            if self.max_model_len: kw["max_model_len"] = self.max_model_len
-            self._llm = vllm.LLM(**{**kw, **self.llm_kwargs})
+            kw = self.engine_kwargs(images_per_prompt)
+            self._image_limit = kw["limit_mm_per_prompt"]["image"]
+            self._llm = vllm.LLM(**kw)
         return self._llm
 
     def generate(self, prompts: Sequence[dict], n: int = 1, max_new_tokens: int = 1024, temperature: float = 0.2,
                  top_p: float = 1.0, seed: Optional[int] = None) -> list[list[str]]:
-        "`n` completions for each prompt dict (`messages`, `images`); temperature 0 means greedy."
+        "`n` completions for each prompt dict (`messages`, `images`), the whole batch in one vLLM call; temperature 0 = greedy."
         check_prompts(prompts, n)
-        llm = self._engine()
+        most = max((len(p.get("images") or []) for p in prompts), default=0)
+        llm = self._engine(most)
+        if most > self._image_limit:
+            raise ValueError(f"a prompt has {most} images but the vLLM engine was built for {self._image_limit} per prompt: "
+                             f"set max_images_per_prompt={most}")
         vllm = optional_import("vllm", extra="gpu", purpose="vLLM rollouts")
         params = vllm.SamplingParams(n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
                                      max_tokens=max_new_tokens, seed=seed)

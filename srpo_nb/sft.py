@@ -15,13 +15,14 @@ from typing import Any, ClassVar, Optional, Sequence
 
 from .core import Config, check_choice, has_cuda, is_installed, optional_import, seed_everything
 from .format import SFT_SYSTEM_PROMPT, make_messages, parse_completion, render_sft_target
-from .models import LM_LORA_TARGETS, build_tiny_qwen25vl, load_policy, resolve_dtype, resolve_model
+from .models import (LM_LORA_TARGETS, PRECISIONS, build_tiny_qwen25vl, cast_trainable, import_unsloth, load_policy,
+                            lora_config, precision_plan, resolve_model, use_unsloth_now)
 
 # %% auto #0
-__all__ = ['QWEN25VL_7B_CONFIG', 'SFTConfig', 'check_sft_rows', 'load_sft_rows', 'draw_bars', 'demo_sft_rows', 'set_max_pixels',
-           'trl_args', 'latest_checkpoint', 'resolve_checkpoint', 'build_sft_trainer', 'sft_batch', 'label_segments',
-           'sft_loss', 'SFTResult', 'plot_loss', 'train_sft', 'export_merged', 'meta_model', 'lora_parameter_count',
-           'sft_memory_gib', 'run_sft']
+__all__ = ['QWEN25VL_7B_CONFIG', 'SFTConfig', 'check_sft_rows', 'load_sft_rows', 'draw_bars', 'demo_sft_rows',
+           'to_prompt_completion', 'set_max_pixels', 'trl_args', 'latest_checkpoint', 'resolve_checkpoint',
+           'build_sft_trainer', 'sft_batch', 'label_segments', 'sft_loss', 'SFTResult', 'plot_loss', 'train_sft',
+           'export_merged', 'meta_model', 'lora_parameter_count', 'sft_memory_gib', 'run_sft']
 
 # %% ../nbs/06_sft.ipynb #9b4fa5f6
 @dataclass
@@ -46,8 +47,9 @@ class SFTConfig(Config):
     gradient_accumulation_steps: int = 2  # forward passes per optimizer step (paper: 2)
     max_length: Optional[int] = 4096   # tokens per example, longer ones cut at the end (paper: 4096); None = no limit
     max_pixels: Optional[int] = 512 * 512  # pixel budget per image in the processor (paper: 512×512); None keeps the processor's
-    dtype: str = "auto"                # weight dtype: "auto" = bfloat16 on a bf16 GPU, else float32
-    bf16: Any = "auto"                 # bf16 mixed precision: "auto" = on a bf16-capable GPU (paper: bf16)
+    dtype: str = "auto"                # compute precision: "auto" (bf16 GPU: bfloat16, T4/V100: float16, CPU: float32), "bfloat16", "float16", "float32"; full fine-tuning keeps fp32 master weights (paper: bf16 mixed precision)
+    pure_bf16: bool = False            # opt-in: full fine-tuning with bf16 weights (updates below bf16's resolution are lost)
+    load_in_4bit: bool = False         # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA; needs finetune="lora")
     gradient_checkpointing: bool = True  # recompute activations in the backward pass to save memory
     weight_decay: float = 0.0          # AdamW weight decay (LLaMA-Factory's default)
     seed: int = 42                     # seeds the LoRA init, the data order and dropout
@@ -65,12 +67,14 @@ class SFTConfig(Config):
     presets: ClassVar[dict] = {
         "tiny": dict(model="tiny", dataset="demo", output_dir="runs/sft-tiny", learning_rate=1e-2, max_steps=40,
                      per_device_train_batch_size=4, gradient_accumulation_steps=2, max_pixels=None, dtype="float32",
-                     bf16=False, gradient_checkpointing=False, logging_steps=1, save_steps=10, seed=0),
+                     gradient_checkpointing=False, logging_steps=1, save_steps=10, seed=0),
     }
 
     def __post_init__(self):
         check_choice("finetune", self.finetune, ["full", "lora"])
-        check_choice("bf16", self.bf16, ["auto", True, False])
+        check_choice("dtype", self.dtype, PRECISIONS)
+        if self.load_in_4bit and self.finetune != "lora": raise ValueError("load_in_4bit=True (QLoRA) needs finetune='lora'")
+        if self.pure_bf16 and self.finetune != "full": raise ValueError("pure_bf16=True is for finetune='full'")
         check_choice("use_unsloth", self.use_unsloth, ["auto", True, False])
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps", "lora_r"):
             if getattr(self, name) < 1: raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -190,27 +194,31 @@ def demo_sft_rows(n: int = 8, seed: int = 0, size: int = 112, system_prompt: str
     return rows
 
 # %% ../nbs/06_sft.ipynb #326e9648
+def to_prompt_completion(ds):
+    "SFT rows as TRL's conversational prompt/completion: the assistant turn is the completion, the rest the prompt."
+    def split(row):
+        msgs = row.pop("messages")
+        return {"prompt": msgs[:-1], "completion": msgs[-1:], **row}
+    cols = ["prompt", "completion"] + [c for c in ds.column_names if c != "messages"]
+    return ds.map(split, remove_columns=ds.column_names).select_columns(cols)
+
 def set_max_pixels(processor, max_pixels: int):
     "Cap the pixels per image of a Qwen2.5-VL processor (larger images are resized down, aspect kept)."
     ip = processor.image_processor
     ip.size = {"shortest_edge": min(ip.size["shortest_edge"], max_pixels), "longest_edge": max_pixels}
     return processor
 
-def _use_bf16(config: SFTConfig) -> bool:
-    if config.bf16 != "auto": return bool(config.bf16)
-    import torch
-    return has_cuda() and torch.cuda.is_bf16_supported()
-
 def trl_args(config: SFTConfig):
     "TRL's `SFTConfig` for this stage config."
     trl = optional_import("trl", extra="core", purpose="SFT")
+    plan = precision_plan(config.dtype, config.finetune == "lora", config.load_in_4bit, config.pure_bf16)
     return trl.SFTConfig(
         output_dir=config.output_dir, learning_rate=config.learning_rate, lr_scheduler_type=config.lr_scheduler_type,
         warmup_steps=config.warmup_ratio, num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_train_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps, max_length=config.max_length,
-        assistant_only_loss=config.assistant_only_loss, bf16=_use_bf16(config),
-        activation_checkpointing=config.gradient_checkpointing, weight_decay=config.weight_decay, seed=config.seed,
+        completion_only_loss=config.assistant_only_loss, bf16=plan.bf16, fp16=plan.fp16,
+        gradient_checkpointing=config.gradient_checkpointing, weight_decay=config.weight_decay, seed=config.seed,
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=config.save_total_limit, deepspeed=config.deepspeed, report_to=config.report_to,
         use_cpu=not has_cuda(), disable_tqdm=True)
@@ -253,23 +261,30 @@ def _trainer_class():
 # %% ../nbs/06_sft.ipynb #3a573747
 def build_sft_trainer(config: SFTConfig, rows=None, callbacks: Optional[list] = None):
     "TRL's SFTTrainer over the policy from `load_policy` and the checked SFT rows, ready to train or to collate."
+    if use_unsloth_now(config.use_unsloth): import_unsloth()  # before transformers/trl/peft load
     ds = load_sft_rows(rows if rows is not None else config.dataset, config.max_rows)
-    args = trl_args(config)  # before the model: ZeRO-3 partitions the weights as they load
+    if config.assistant_only_loss: ds = to_prompt_completion(ds)
+    args = trl_args(config)  # before the model: the distributed state, and ZeRO-3 partitions the weights as they load
     checkpoint = resolve_checkpoint(config)
     source = resolve_model(config.model)
     weights_from = None
     if checkpoint is not None and config.finetune == "full" and _has_full_weights(checkpoint):
         source = weights_from = str(checkpoint)  # the resume trap: load the weights from the checkpoint itself
-    seed_everything(config.seed)  # LoRA's adapter init draws from the global RNG
-    model, processor = load_policy(source, lora=config.lora(), freeze_vision=config.freeze_vision,
-                                   dtype=resolve_dtype(config.dtype, "auto"), device="cpu",
-                                   use_unsloth=config.use_unsloth, attn_implementation=config.attn_implementation,
-                                   max_seq_length=config.max_length or 4096)
+    lora = config.lora()
+    model, processor = load_policy(source, lora=lora, freeze_vision=config.freeze_vision, dtype=config.dtype,
+                                   device="auto", use_unsloth=config.use_unsloth,
+                                   attn_implementation=config.attn_implementation, max_seq_length=config.max_length or 4096,
+                                   load_in_4bit=config.load_in_4bit, pure_bf16=config.pure_bf16, seed=config.seed,
+                                   wrap_lora=False)
     if config.max_pixels: set_max_pixels(processor, config.max_pixels)
-    if config.use_unsloth is True or (config.use_unsloth == "auto" and has_cuda() and is_installed("unsloth")):
+    if use_unsloth_now(config.use_unsloth):
         optional_import("unsloth", purpose="FastVisionModel").FastVisionModel.for_training(model)
+    # LoRA: the trainer builds the adapters from peft_config (unsloth wraps its own model itself)
+    peft_config = lora_config(lora) if lora is not None and not hasattr(model, "peft_config") else None
+    seed_everything(config.seed)  # the adapters' random init draws from the global RNG
     trainer = _trainer_class()(model=model, args=args, train_dataset=ds, processing_class=processor,
-                               callbacks=callbacks)
+                               callbacks=callbacks, peft_config=peft_config)
+    if args.fp16: cast_trainable(trainer.model, "float32")  # fp16 loss scaling unscales fp32 gradients only
     trainer.weights_from = weights_from
     trainer.resume_checkpoint = str(checkpoint) if checkpoint is not None else None
     return trainer

@@ -1,4 +1,5 @@
 """Shared pytest settings: offline hub, one torch thread per process."""
+import srpo_nb.core  # noqa: F401  (before trl: Triton kernels in the interpreter on CPU-only machines)
 import os
 
 import pytest

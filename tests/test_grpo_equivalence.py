@@ -1,4 +1,4 @@
-"""srpo_nb.grpo_core against TRL 1.16's GRPOTrainer: on the same rollout batch (tiny Qwen2.5-VL with images,
+"""srpo_nb.grpo_core against TRL 1.15's GRPOTrainer: on the same rollout batch (tiny Qwen2.5-VL with images,
 completions of different lengths, the policy moved after sampling so that clipping is active), our loss and its
 gradients equal `compute_loss`'s for every loss type we support, with and without the KL term; plus properties of
 the pieces that hold for any input."""
@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from srpo_nb.format import make_messages
 from srpo_nb.grpo_core import (LOSS_TYPES, TRL_STD_EPS, aggregate_loss, clipped_surrogate, group_advantages,
                                grpo_loss, rollout_logprobs)
-from srpo_nb.models import build_tiny_qwen25vl, load_policy
+from srpo_nb.models import build_tiny_qwen25vl, load_policy, vision_token_ids
 
 MAX_LEN, G = 16, 4
 
@@ -44,7 +44,8 @@ def make_trainer(path, out_dir, **overrides):
             for i, q in enumerate(["How tall is the bar?", "What colour is the bar?", "Is the bar wide?", "Where is it?"])]
     args = dict(output_dir=str(out_dir), use_cpu=True, bf16=False, report_to="none", num_generations=G,
                 per_device_train_batch_size=8, max_completion_length=MAX_LEN, num_iterations=2, beta=0.0, seed=0,
-                loss_type="grpo", save_strategy="no", generation_kwargs={"sequence_bias": {(eos,): 4.0}})
+                loss_type="grpo", save_strategy="no", generation_kwargs={"sequence_bias": {(eos,): 4.0},
+                                                              "suppress_tokens": vision_token_ids(processor)})
     args.update(overrides)
     trainer = GRPOTrainer(model=policy, args=GRPOConfig(**args), reward_funcs=[share_of_e, short_and_done],
                           train_dataset=Dataset.from_list(rows), processing_class=processor)
@@ -112,7 +113,7 @@ def check_batch(inputs, out, eps_low=0.2, eps_high=0.2):
 @pytest.fixture(scope="module", params=[0.0, 0.04], ids=["beta0", "beta0.04"])
 def moved(request, tiny, tmp_path_factory):
     """A trainer, its rollout batch, and the policy moved after sampling. The batch is shared by the loss types:
-    TRL 1.16's GRPOTrainer only stores `loss_type` at construction for these four, and reads it in compute_loss."""
+    TRL 1.15's GRPOTrainer only stores `loss_type` at construction for these four, and reads it in compute_loss."""
     trainer = make_trainer(tiny, tmp_path_factory.mktemp("trl"), beta=request.param)
     inputs = rollout(trainer)
     with torch.no_grad():  # before the policy moves, our log-probs are TRL's old log-probs (images included)
