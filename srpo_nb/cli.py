@@ -11,8 +11,8 @@ from typing import Callable
 from fastcore.script import anno_parser, call_parse
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'USER_ERRORS', 'demo', 'data_generate', 'data_reflect', 'serve', 'sft', 'grpo', 'evaluate',
-           'run_subcommand', 'main']
+__all__ = ['SUBCOMMANDS', 'USER_ERRORS', 'demo', 'data_generate', 'data_reflect', 'serve', 'sft', 'grpo', 'evaluate', 'launch',
+           'plan', 'merge', 'run_subcommand', 'main']
 
 # %% ../nbs/11_cli.ipynb #38222ccd
 @call_parse
@@ -129,6 +129,47 @@ def evaluate(model: str = "tiny",               # model folder(s) or hub id(s), 
                   f"reflection {100 * b['reflection_rate']:.1f}%  unparsed {b['unparsed']}")
     print(f"report: {Path(out) / 'report.md'}")
 
+# %% ../nbs/11_cli.ipynb #984953f5
+@call_parse
+def launch(preset: str = None,   # a preset name, a preset YAML file, or 'all' (none: list the shipped presets)
+           out: str = None,      # folder to write into ('all': one subfolder per preset; --check: default scripts)
+           stage: str = "all",   # reflect, sft, grpo, eval or all
+           check: bool = False,  # compare every preset's files under --out (default scripts) with fresh ones; fail when stale
+          ):
+    "Write a preset's launch files: stage configs, accelerate/DeepSpeed, launch.sh, job.sbatch (nodes > 1), colab.ipynb (1 GPU)."
+    from pathlib import Path
+    from srpo_nb.launch import check_scripts, load_preset, preset_names, write_launch
+    if check:
+        problems = check_scripts(out or "scripts")
+        for line in problems: print(line, file=sys.stderr)
+        if problems: raise RuntimeError(f"{len(problems)} generated file(s) out of date: run srpo launch --preset all --out {out or 'scripts'}")
+        print(f"{out or 'scripts'}: the files of every preset are fresh"); return
+    if preset is None:
+        for n in preset_names(): print(f"{n:<16} {load_preset(n).summary}")
+        return
+    if out is None: raise ValueError("srpo launch needs --out DIR (the folder to write the files into)")
+    for n in (preset_names() if preset == "all" else [preset]):
+        paths = write_launch(n, Path(out) / n if preset == "all" else out, stage)
+        print(f"{n}: {', '.join(p.name for p in paths)} -> {paths[0].parent}")
+
+@call_parse
+def plan(preset: str = None,  # a preset name or YAML file (none: every shipped preset)
+         mfu: float = 0.4,    # the model-FLOPs utilisation the times assume
+        ):
+    "Memory per GPU, FLOPs and time per step of a preset's SFT and GRPO stages, as a table (no GPU needed)."
+    from srpo_nb.launch import plan_table, preset_names
+    for n in ([preset] if preset else preset_names()): print(plan_table(n, mfu=mfu), end="\n\n")
+
+@call_parse
+def merge(adapter: str = None,     # a LoRA run folder, its final/ or a checkpoint-N
+          out: str = None,         # folder for the merged model and its processor
+          base_model: str = None,  # the base (default: the adapter's base_model_name_or_path)
+         ):
+    "Merge a LoRA adapter into its base model (what the next stage, vLLM and eval load)."
+    from srpo_nb.sft import export_merged
+    if not adapter or not out: raise ValueError("srpo merge needs --adapter DIR and --out DIR")
+    print(f"merged model -> {export_merged(adapter, out, base_model=base_model)}")
+
 # %% ../nbs/11_cli.ipynb #c6fd2a09
 SUBCOMMANDS: dict[str, Callable] = {
     "demo": demo,
@@ -138,6 +179,9 @@ SUBCOMMANDS: dict[str, Callable] = {
     "sft": sft,
     "grpo": grpo,
     "eval": evaluate,
+    "launch": launch,
+    "plan": plan,
+    "merge": merge,
 }
 
 def _usage() -> str:
