@@ -30,7 +30,7 @@ from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 from .core import Config, check_choice, check_model_source, optional_import
 from .models import GENERATION_BACKENDS, VLLMGenerator, make_generator, resolve_model
-from .format import (SFT_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, _TAG_RE, make_messages, parse_completion,
+from .format import (COT_PROMPT, SFT_SYSTEM_PROMPT, _TAG_RE, make_messages, parse_completion, read_prompt,
                             render_sft_target)
 
 _log = logging.getLogger(__name__)
@@ -44,15 +44,15 @@ __all__ = ['UNFORMATTED_ANSWER', 'REFLECTION_PROMPT', 'REASONING_REQUEST', 'REPL
            'OpenAITeacher', 'RequestError', 'from_openai_messages', 'to_openai_messages', 'ClientGone', 'peer_closed',
            'PromptTooLong', 'model_context', 'ChatServer', 'make_server', 'serve', 'TemplateTeacher',
            'second_think_text', 'sft_row', 'rows_to_dataset', 'sft_features', 'Journal', 'ReflectionDataConfig',
-           'load_config_problems', 'make_teacher', 'reflection_request', 'summarize', 'format_summary', 'NoRowsError',
-           'build_reflection_data', 'load_sft_dataset', 'run_reflection_data']
+           'answerable_problems', 'load_config_problems', 'make_teacher', 'reflection_request', 'summarize',
+           'format_summary', 'NoRowsError', 'build_reflection_data', 'load_sft_dataset', 'run_reflection_data']
 
 # %% ../nbs/05_reflection_data.ipynb #33840093
-def policy_prompt(problem) -> dict:
-    "The Stage 1a prompt for a problem: think/answer system turn, images, question with its options."
+def policy_prompt(problem, system_prompt: Optional[str] = COT_PROMPT) -> dict:
+    "The Stage 1a prompt for a problem: the CoT system turn (bare letter/number answers), images, question with its options."
     from srpo_nb.data import format_question
     images = list(problem.images or [])
-    return {"messages": make_messages(format_question(problem), len(images), THINK_ANSWER_PROMPT), "images": images}
+    return {"messages": make_messages(format_question(problem), len(images), system_prompt), "images": images}
 
 def clean_block(text: Optional[str]) -> str:
     "Block content with every <think>/<answer>/<reflection> tag removed and whitespace stripped."
@@ -100,11 +100,11 @@ def _batch_seed(seed: int, first_id: str) -> int:
 
 def sample_responses(generator, problems: Sequence, *, temperature: float = 0.2, top_p: float = 1.0,
                      max_new_tokens: int = 1024, seed: int = 0, batch_size: int = 8,
-                     keep_unformatted: bool = False) -> Iterator[list[dict]]:
+                     keep_unformatted: bool = False, system_prompt: Optional[str] = COT_PROMPT) -> Iterator[list[dict]]:
     "Answer `problems` in batches with `generator`; yields the graded records of each batch as soon as it is done."
     for s in range(0, len(problems), batch_size):
         batch = list(problems[s:s + batch_size])
-        outs = generator.generate([policy_prompt(p) for p in batch], n=1, max_new_tokens=max_new_tokens,
+        outs = generator.generate([policy_prompt(p, system_prompt) for p in batch], n=1, max_new_tokens=max_new_tokens,
                                   temperature=temperature, top_p=top_p, seed=_batch_seed(seed, batch[0].id))
         yield [response_record(p, o[0], keep_unformatted) for p, o in zip(batch, outs)]
 
@@ -687,17 +687,19 @@ def second_think_text(reflection: dict, gold: str) -> str:
     "The second <think> of the with-think variant: the teacher's reasoning, else a one-line bridge to the gold."
     return reflection.get("reasoning") or f"Following the reflection, I redo the solution and reach {gold}."
 
-def sft_row(problem, response: dict, reflection: dict, second_think: bool = False) -> dict:
+def sft_row(problem, response: dict, reflection: dict, second_think: bool = False, box_gold: bool = False,
+            system_prompt: Optional[str] = SFT_SYSTEM_PROMPT) -> dict:
     "One TRL conversational SFT row (messages + images + gold + first_correct + source) from a problem, its response and reflection."
     from srpo_nb.data import format_question
     gold = str(problem.answer)
     think2 = second_think_text(reflection, gold) if second_think else None
-    target = render_sft_target(response["cot"], response["answer"], reflection["reflection"], gold, second_think=think2)
+    target = render_sft_target(response["cot"], response["answer"], reflection["reflection"], gold, second_think=think2,
+                               box_gold=box_gold)
     shape = "sft_with_think" if second_think else "sft"
     parsed = parse_completion(target, shape)
     if not parsed.ok: raise ValueError(f"SFT target for {problem.id} breaks the {shape} format: {parsed.problems}")
     images = list(problem.images or [])
-    messages = make_messages(format_question(problem), len(images), SFT_SYSTEM_PROMPT)
+    messages = make_messages(format_question(problem), len(images), system_prompt)
     messages.append({"role": "assistant", "content": [{"type": "text", "text": target}]})
     return {"id": str(problem.id), "messages": messages, "images": images, "gold": gold,
             "first_correct": bool(response["correct"]), "source": str(getattr(problem, "source", "") or "")}
@@ -781,6 +783,8 @@ class ReflectionDataConfig(Config):
     problems: str = "shipped"            # 'shipped' (data/problems train), 'generated', a .parquet or a hub id (srpo_nb.data.load_problem_source); the paper drew from Mulberry-260K, LLaVA-CoT-100K, MathV360K
     num_problems: Optional[int] = None   # sample this many problems under `seed` (None = all); the paper sampled 100K
     generate_seed: int = 0               # seed of srpo_nb.data.generate_problems when problems='generated'
+    filter_answerable: bool = True       # paper: keep only problems whose gold is an option letter or a number (counted in the summary); False keeps all
+    answer_letters: str = "ABCD"         # the option letters the answerable filter accepts (paper: A-D)
     # policy responses
     policy_model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # hub id or folder; 'tiny' = the tiny Qwen2.5-VL (cache)
     backend: str = "hf"                  # generation backend: 'hf' (transformers) or 'vllm' (GPU)
@@ -790,6 +794,7 @@ class ReflectionDataConfig(Config):
     top_p: float = 1.0                   # nucleus sampling for the policy
     max_new_tokens: int = 1024           # policy response budget (paper)
     keep_unformatted: bool = False       # paper: drop responses without both tags; True keeps them (CPU demo)
+    policy_prompt: Optional[str] = None  # the policy's system prompt: None = COT_PROMPT (paper), 'none', a name in srpo_nb.format.PROMPTS or a text file
     seed: int = 0                        # seed for problem sampling, generation and selection
     # selection
     total: int = 10_000                  # responses sent to the teacher (paper: 10K)
@@ -810,6 +815,8 @@ class ReflectionDataConfig(Config):
     max_concurrency: int = 8             # teacher requests in flight
     # output
     second_think: bool = False           # paper: no second <think> in the SFT target; True adds one (RL format)
+    box_gold: bool = False               # paper: the target's final answer is the gold as given; True writes $\boxed{gold}$
+    sft_prompt: Optional[str] = None     # the SFT rows' system prompt: None = SFT_SYSTEM_PROMPT, 'none', a name or a text file
     out_dir: str = "runs/reflection_data"  # journal.jsonl, sft.parquet, summary.json, reflect.log
     progress: bool = True                # progress bars
 
@@ -818,6 +825,11 @@ class ReflectionDataConfig(Config):
                      max_new_tokens=32, keep_unformatted=True, total=8, teacher="template",
                      out_dir="runs/reflection_data_tiny"),
     }
+    ranges: ClassVar[dict] = dict(num_problems=(1, None), batch_size=(1, None), temperature=(0, None), top_p=(0, 1),
+                                  max_new_tokens=(1, None), total=(0, None), correct_fraction=(0, 1),
+                                  teacher_temperature=(0, 2), teacher_max_tokens=(1, None), teacher_timeout=(0.001, None),
+                                  max_retries=(0, None), backoff_base=(0, None), backoff_max=(0, None),
+                                  max_concurrency=(1, None))
 
     def __post_init__(self):
         check_choice("backend", self.backend, GENERATION_BACKENDS)
@@ -827,23 +839,44 @@ class ReflectionDataConfig(Config):
         if self.total < 0: raise ValueError(f"total must be >= 0, got {self.total}")
         if self.api_key_env is not None and not str(self.api_key_env).replace("_", "").isalnum():
             raise ValueError(f"api_key_env must be the NAME of an environment variable, got a value that is not one")
+        if not self.answer_letters or not self.answer_letters.isalpha() or not self.answer_letters.isupper():
+            raise ValueError(f"answer_letters must be capital letters such as 'ABCD', got {self.answer_letters!r}")
+        self.policy_text(); self.sft_text()   # a missing prompt file fails here, by name
+
+    def policy_text(self) -> Optional[str]:
+        "The policy's system prompt (`policy_prompt` resolved)."
+        return read_prompt(self.policy_prompt, COT_PROMPT)
+
+    def sft_text(self) -> Optional[str]:
+        "The SFT rows' system prompt (`sft_prompt` resolved)."
+        return read_prompt(self.sft_prompt, SFT_SYSTEM_PROMPT)
 
 # The settings whose change would change the journal's records (a resume with other values is refused).
-JOURNAL_KEYS = ("problems", "num_problems", "generate_seed", "policy_model", "temperature", "top_p", "max_new_tokens",
-                "keep_unformatted", "seed", "total", "correct_fraction", "teacher", "teacher_model", "teacher_reply",
-                "second_think")
+JOURNAL_KEYS = ("problems", "num_problems", "generate_seed", "filter_answerable", "answer_letters", "policy_model",
+                "temperature", "top_p", "max_new_tokens", "keep_unformatted", "seed", "total", "correct_fraction", "teacher",
+                "teacher_model", "teacher_reply", "second_think")
 
 # %% ../nbs/05_reflection_data.ipynb #f229dfa1
-def load_config_problems(cfg: ReflectionDataConfig) -> list:
-    "The problems a config names (srpo_nb.data.load_problem_source), sampled down to num_problems under seed."
+def answerable_problems(problems: Sequence, cfg: ReflectionDataConfig) -> tuple[list, Optional[dict]]:
+    "(problems kept, report) under the config's answerable filter; the report is None when the filter is off."
+    from srpo_nb.data import filter_answerable
+    if not cfg.filter_answerable: return list(problems), None
+    kept, rep = filter_answerable(problems, letters=cfg.answer_letters)
+    return kept, {"total": rep.total, "kept": rep.kept, "dropped": dict(rep.dropped), "dropped_ids": rep.dropped_ids}
+
+def _config_problems(cfg: ReflectionDataConfig) -> tuple[list, Optional[dict]]:
     from srpo_nb.data import load_problem_source
     if cfg.problems == "generated":
-        return load_problem_source("generated", limit=cfg.num_problems or 16, seed=cfg.generate_seed)
-    probs = load_problem_source(cfg.problems)
+        return answerable_problems(load_problem_source("generated", limit=cfg.num_problems or 16, seed=cfg.generate_seed), cfg)
+    probs, report = answerable_problems(load_problem_source(cfg.problems), cfg)
     if cfg.num_problems is not None and cfg.num_problems < len(probs):
         keep = set(random.Random(cfg.seed).sample(range(len(probs)), cfg.num_problems))
         probs = [p for i, p in enumerate(probs) if i in keep]
-    return probs
+    return probs, report
+
+def load_config_problems(cfg: ReflectionDataConfig) -> list:
+    "The problems a config names (srpo_nb.data.load_problem_source), answerable ones only by default, sampled down to num_problems under seed."
+    return _config_problems(cfg)[0]
 
 def make_teacher(cfg: ReflectionDataConfig):
     "The teacher a config names."
@@ -885,7 +918,7 @@ def _responses_stage(cfg, problems, journal, generator):
     bar = tqdm(total=len(problems), initial=len(problems) - len(todo), desc="policy responses", disable=not cfg.progress)
     for recs in sample_responses(generator, todo, temperature=cfg.temperature, top_p=cfg.top_p,
                                  max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, batch_size=cfg.batch_size,
-                                 keep_unformatted=cfg.keep_unformatted):
+                                 keep_unformatted=cfg.keep_unformatted, system_prompt=cfg.policy_text()):
         for r in recs: journal.append("response", r.pop("id"), **r)
         bar.update(len(recs))
     bar.close()
@@ -932,13 +965,13 @@ def _mean(xs) -> float:
     return round(sum(xs) / len(xs), 1) if xs else 0.0
 
 def summarize(responses: dict, counts: dict, reflections: dict, rows: list[dict], failed: list, retries: int,
-              teacher_name: str, second_think: bool) -> dict:
+              teacher_name: str, second_think: bool, answerable: Optional[dict] = None) -> dict:
     "Counts (responses, mix, reflections, failures, retries) and mean lengths (words) of the built SFT set."
     rs = list(responses.values())
     targets = [r["messages"][2]["content"][0]["text"] for r in rows]
     refl = [reflections[r["id"]]["reflection"] for r in rows]
     cots = [responses[r["id"]]["cot"] for r in rows]
-    return {"problems": len(rs), "formatted": sum(r["formatted"] for r in rs), "usable": sum(r["usable"] for r in rs),
+    return {"answerable": answerable, "problems": len(rs), "formatted": sum(r["formatted"] for r in rs), "usable": sum(r["usable"] for r in rs),
             "correct": sum(r["correct"] for r in rs if r["usable"]), "wrong": sum(not r["correct"] for r in rs if r["usable"]),
             "selection": counts, "rows": len(rows), "rows_correct": sum(r["first_correct"] for r in rows),
             "rows_wrong": sum(not r["first_correct"] for r in rows), "failed": sorted(failed),
@@ -950,8 +983,10 @@ def summarize(responses: dict, counts: dict, reflections: dict, rows: list[dict]
 
 def format_summary(s: dict) -> str:
     "A short human-readable table of a summary."
-    sel = s["selection"]
-    lines = [f"problems {s['problems']}: {s['formatted']} formatted, {s['usable']} usable ({s['correct']} correct, {s['wrong']} wrong)",
+    sel, a = s["selection"], s.get("answerable")
+    filt = ("answerable filter: off" if a is None else f"answerable filter: kept {a['kept']} of {a['total']}" +
+            "".join(f"; dropped {n} ({why})" for why, n in a["dropped"].items()))
+    lines = [filt, f"problems {s['problems']}: {s['formatted']} formatted, {s['usable']} usable ({s['correct']} correct, {s['wrong']} wrong)",
              f"selected {sel['selected']} of {sel['target_correct'] + sel['target_wrong']} wanted: "
              f"{sel['selected_correct']} correct / {sel['selected_wrong']} wrong",
              f"rows {s['rows']} ({s['rows_correct']} first-correct, {s['rows_wrong']} first-wrong); failed {len(s['failed'])}; "
@@ -970,9 +1005,14 @@ def build_reflection_data(config: ReflectionDataConfig, problems: Optional[Seque
     cfg = config
     out = Path(cfg.out_dir); out.mkdir(parents=True, exist_ok=True)
     with _log_to(out / "reflect.log"):
-        journal = Journal(out / "journal.jsonl", meta={k: getattr(cfg, k) for k in JOURNAL_KEYS})
+        meta = {k: getattr(cfg, k) for k in JOURNAL_KEYS} | {"policy_prompt_text": cfg.policy_text()}
+        journal = Journal(out / "journal.jsonl", meta=meta)
         cfg.save(out / "config.json")   # holds the key's variable NAME only
-        problems = list(problems) if problems is not None else load_config_problems(cfg)
+        problems, answerable = answerable_problems(problems, cfg) if problems is not None else _config_problems(cfg)
+        if answerable is not None:
+            _log.info("answerable filter: kept %d of %d problems (dropped: %s)", answerable["kept"], answerable["total"],
+                      answerable["dropped"] or "none")
+        if not problems: raise ValueError(f"no problems left for stage 1a (answerable filter: {answerable})")
         by_id = {}
         for p in problems:
             if p.id in by_id: raise ValueError(f"duplicate problem id {p.id!r}")
@@ -992,9 +1032,10 @@ def build_reflection_data(config: ReflectionDataConfig, problems: Optional[Seque
         _log.info("selection: %s", sel["counts"])
         failed, retries, used = _reflections_stage(cfg, by_id, responses, sel["ids"], journal, teacher)
         reflections = journal.done("reflection")
-        rows = [sft_row(by_id[i], responses[i], reflections[i], cfg.second_think) for i in sel["ids"] if i in reflections]
+        rows = [sft_row(by_id[i], responses[i], reflections[i], cfg.second_think, cfg.box_gold, cfg.sft_text())
+                for i in sel["ids"] if i in reflections]
         name = used.name if used is not None else next((r["teacher"] for r in reflections.values()), "none")
-        summary = summarize(responses, sel["counts"], reflections, rows, failed, retries, name, cfg.second_think)
+        summary = summarize(responses, sel["counts"], reflections, rows, failed, retries, name, cfg.second_think, answerable)
         summary["path"] = str(out / "sft.parquet")
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if failed: _log.warning("%d reflections failed; rerun to retry them", len(failed))
