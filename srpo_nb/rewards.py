@@ -455,6 +455,7 @@ class RewardConfig(Config):
     min_sig_digits: int = 3           # significant digits a decimal approximation needs
     presets: ClassVar[dict] = {"tiny": {"verify_timeout": 1.0}, "code": {"variant": "code"}, "grpo": {"variant": "grpo"},
                                "strict": {"format_rule": "five_blocks", "effectiveness_rule": "reflection"}}
+    ranges: ClassVar[dict] = dict(rel_tol=(0, None), abs_tol=(0, None), min_sig_digits=(1, None))  # the rest: __post_init__
 
     def __post_init__(self):
         check_choice("variant", self.variant, VARIANTS)
