@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterable, Optional
 # %% auto #0
 __all__ = ['RUN_MARKER', 'CHECKPOINT_DONE', 'optional_import', 'is_installed', 'check_choice', 'seed_everything', 'get_device',
            'has_cuda', 'gpu_device_files', 'use_triton_interpreter', 'ConfigError', 'Config', 'RunFolderError',
-           'write_json_atomic', 'read_run_marker', 'claim_run_dir', 'finish_run', 'trim_jsonl', 'checkpoint_step',
-           'mark_checkpoint_complete', 'is_complete_checkpoint', 'latest_complete_checkpoint', 'checkpoint_callback',
-           'check_model_source', 'cache_dir']
+           'write_json_atomic', 'read_run_marker', 'claim_run_dir', 'finish_run', 'run_finished', 'trim_jsonl',
+           'checkpoint_step', 'mark_checkpoint_complete', 'is_complete_checkpoint', 'latest_complete_checkpoint',
+           'checkpoint_callback', 'check_model_source', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #24a49efa
 def optional_import(module: str, extra: str = "gpu", purpose: str = "") -> Any:
@@ -281,6 +281,13 @@ def finish_run(run_dir: str | os.PathLike, finished: bool = True, **fields) -> d
     marker = {**(read_run_marker(run_dir) or {}), **fields, "finished": finished}
     write_json_atomic(Path(run_dir) / RUN_MARKER, marker)
     return marker
+
+def run_finished(run_dir: str | os.PathLike, max_steps: int, num_train_epochs: float) -> Optional[dict]:
+    "The run marker when the run in `run_dir` already reached the end these settings ask for, else None."
+    m = read_run_marker(run_dir)
+    if not m or not m.get("finished"): return None
+    if max_steps > 0: return m if m.get("global_step", 0) >= max_steps else None
+    return m if m.get("max_steps", -1) <= 0 and m.get("num_train_epochs") == num_train_epochs else None
 
 def trim_jsonl(path: str | os.PathLike, max_step: int, key: str = "step") -> int:
     "Drop the records of a JSON-lines log after `max_step` (a resumed run logs those steps again); returns how many."
