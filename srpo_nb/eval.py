@@ -304,6 +304,17 @@ def _prompt_and_images(b: Benchmark, row: dict) -> tuple[str, list, Optional[str
     images = [row[f"image_{i}"] for i in range(1, 8) if row.get(f"image_{i}") is not None]
     return row["question"] + _options_text(as_choices(row["options"]) or ()), images, None
 
+_QUESTION_TYPES = {"mathvista": ("multi_choice", "free_form"), "mathverse": ("multi-choice", "free-form")}
+
+def _check_row(scorer: str, row: dict):
+    "A ValueError naming the row when it has no gold answer or an unknown question_type."
+    if not isinstance(row, dict): raise TypeError(f"row must be a dict, got {type(row).__name__}")
+    rid = row.get("id", row.get("pid", row.get("sample_index")))
+    if row.get("answer") in (None, ""): raise ValueError(f"{scorer} row {rid!r} has no gold 'answer'")
+    kinds = _QUESTION_TYPES.get(scorer)
+    if kinds and row.get("question_type", kinds[0]) not in kinds:
+        raise ValueError(f"{scorer} row {rid!r}: question_type={row['question_type']!r} is not one of {list(kinds)}")
+
 def _is_offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
@@ -356,6 +367,7 @@ def load_benchmark(name: str, limit: Optional[int] = None, dataset: Any = None,
         if rid in seen: raise ValueError(f"benchmark {b.name!r}: duplicate id {rid!r} at row {i}")
         seen.add(rid)
         question, images, group = _prompt_and_images(b, row)
+        _check_row(b.scorer, row)  # a row the scorer cannot read fails here, naming it, not halfway through a run
         raw = {k: v for k, v in row.items() if k not in _IMAGE_COLUMNS and not (k == "image" and not isinstance(v, str))}
         items.append(EvalItem(b.name, rid, question, [_rgb(im) for im in images], raw, group))
     return items
@@ -396,8 +408,7 @@ def _mathverse_choices(question: str) -> Optional[list]:
 def gold_of(benchmark: str, row: dict) -> tuple:
     "(gold, choices or None, precision or None, multiple-choice?) of a benchmark row, as the checker takes them."
     s = _scorer(benchmark)
-    if not isinstance(row, dict): raise TypeError(f"row must be a dict, got {type(row).__name__}")
-    if "answer" not in row or row["answer"] in (None, ""): raise ValueError(f"{s} row {row.get('id', row.get('pid'))!r} has no gold 'answer'")
+    _check_row(s, row)
     gold = str(row["answer"]).strip()
     if s == "mathvista":
         mc = row.get("question_type") == "multi_choice" and bool(row.get("choices"))

@@ -329,3 +329,10 @@ def test_judge_column(tmp_path, monkeypatch):
     assert m["judge_accuracy"] == round(sum(r["judge_correct"] for r in preds) / 3, 4) and m["judge_failed"] == 0
     assert "judge %" in (out / "report.md").read_text()
     assert "sk-test-1234" not in (out / "predictions.jsonl").read_text() + (out / "metrics.json").read_text()
+
+
+def test_unknown_question_type_fails_at_load():
+    "An UNVERIFIED spelling in the hub data fails when loading, naming the row and the value, not mid-run."
+    ds = example_dataset("mathverse").map(lambda r: {"question_type": "multiple choice" if r["sample_index"] == "2" else r["question_type"]})
+    with pytest.raises(ValueError, match="mathverse row '2': question_type='multiple choice' is not one of"):
+        load_benchmark("mathverse", dataset=ds)
