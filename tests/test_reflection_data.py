@@ -358,7 +358,9 @@ def test_faults_kill_restart_exactly_once(tiny_path, tmp_path):
     assert len(keys) == len(set(keys))
     responses = {r["id"] for r in recs if r["stage"] == "response"}
     selection = [r for r in recs if r["stage"] == "selection"]
-    assert len(responses) == n_problems and len(selection) == 1
+    from srpo_nb.data import filter_answerable
+    n_answerable = len(filter_answerable(generate_problems(n_problems, seed=5))[0])   # the stage's default filter
+    assert len(responses) == n_answerable == summary["answerable"]["kept"] and len(selection) == 1
     ids = selection[0]["ids"]
     assert len(ids) == total == len(set(ids))
 
