@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from srpo_nb.cli import main
-from srpo_nb.eval import (BENCHMARKS, METRIC_KEYS, BenchmarkUnavailable, EvalSettingsError, example_dataset,
+from srpo_nb.eval import (BENCHMARKS, METRIC_KEYS, BenchmarkUnavailable, EvalSettingsError, eval_prompt, example_dataset,
                           load_benchmark, read_predictions, score_answer, score_completion)
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def test_loader_same_path_for_copies(name, tmp_path):
     ds.to_parquet(tmp_path / "copy.parquet")
     copied = load_benchmark(name, dataset=tmp_path / "copy.parquet")
     assert [(i.id, i.question, i.group, len(i.images)) for i in direct] == [(i.id, i.question, i.group, len(i.images)) for i in copied]
-    assert len(direct) == len(ds) and all(i.images and i.images[0].mode == "RGB" for i in direct)
+    assert len(direct) == len(ds) and all(eval_prompt(i)["images"][0].mode == "RGB" for i in direct)
     for it in direct:  # the gold scores right through score_answer, by the benchmark's own rules
         assert score_answer(name, f"\\boxed{{{it.row['answer']}}}", it.row), (name, it.id)
 
