@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from fastcore.script import anno_parser, call_parse
+from fastcore.script import anno_parser, call_parse, store_true
 
 # %% auto #0
 __all__ = ['SUBCOMMANDS', 'USER_ERRORS', 'demo', 'data_generate', 'data_reflect', 'serve', 'sft', 'grpo', 'evaluate', 'launch',
@@ -78,22 +78,26 @@ def sft(config: str = None,                  # a JSON/YAML file of SFTConfig fie
         preset: str = None,                  # a named preset applied first (e.g. tiny)
         output_dir: str = None,              # the run folder (overrides the config)
         max_steps: int = None,               # stop after this many optimizer steps
-        resume_from_checkpoint: str = None,  # 'latest' or a checkpoint folder
+        resume_from_checkpoint: str = None,  # 'latest' (the newest complete checkpoint) or a checkpoint folder
+        overwrite: store_true = False,       # the run folder holds an earlier run: start over (its files removed)
        ):
     "Reflection cold-start SFT (TRL SFTTrainer; LoRA or full, vision tower frozen)."
     from srpo_nb.sft import run_sft
-    run_sft(config, preset, output_dir=output_dir, max_steps=max_steps, resume_from_checkpoint=resume_from_checkpoint)
+    run_sft(config, preset, output_dir=output_dir, max_steps=max_steps, resume_from_checkpoint=resume_from_checkpoint,
+            **({"overwrite": True} if overwrite else {}))
 
 @call_parse
 def grpo(config: str = None,  # a JSON/YAML file of GRPOTrainConfig fields
          preset: str = None,  # a named preset applied first (e.g. tiny)
          output_dir: str = None,  # the run folder (overrides the config)
          max_steps: int = None,   # stop after this many optimizer steps
-         resume_from_checkpoint: str = None,  # 'latest' or a checkpoint folder
+         resume_from_checkpoint: str = None,  # 'latest' (the newest complete checkpoint) or a checkpoint folder
+         overwrite: store_true = False,       # the run folder holds an earlier run: start over (its files removed)
         ):
     "Stage 2: GRPO with the reflection-aware reward (TRL GRPOTrainer; several processes via torchrun)."
     from srpo_nb.grpo import run_grpo
-    kw = dict(output_dir=output_dir, max_steps=max_steps, resume_from_checkpoint=resume_from_checkpoint)
+    kw = dict(output_dir=output_dir, max_steps=max_steps, resume_from_checkpoint=resume_from_checkpoint,
+              overwrite=True if overwrite else None)
     run_grpo(config, preset, **{k: v for k, v in kw.items() if v is not None})
 
 # %% ../nbs/11_cli.ipynb #e7a1c0de
