@@ -739,8 +739,8 @@ def report_markdown(results: dict, names: Sequence[str], config: Optional[EvalCo
     if pubs:
         lines += ["Published numbers are copied from SRPO (Wan et al., arXiv 2506.01713 v3, Tables 1 and 3), not run here. "
                   "The paper scores MathVista and MathVerse with a GPT-4o answer extractor (compare them with a judge "
-                  "column), and names neither its MATH-Vision split nor its MMMU-Pro setting: `mathvision` is the test "
-                  "split, `mmmu_pro` pools standard (10 options) and vision, the benchmark's official overall score.", ""]
+                  "column). Beside the published MATH-Vision column stands `mathvision`, the test split; beside MMMU-Pro, "
+                  "`mmmu_pro`, which pools standard (10 options) and vision (the benchmark's overall score).", ""]
     judge = any("judge_accuracy" in m for r in results.values() for m in r["benchmarks"].values())
     for l in labels:
         lines += [f"## Reflection metrics: {l}", ""]
