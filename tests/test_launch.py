@@ -101,6 +101,9 @@ def test_tiny_cpu_two_processes_through_launch_sh(tmp_path):
     summary = json.loads((run / "grpo" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 2
     assert (run / "grpo" / "final" / "config.json").exists()
+    stage("eval")   # base, SFT and GRPO side by side
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert len(json.dumps(metrics)) > 0 and (run / "eval" / "report.md").exists()
 
 
 def _nbytes(tensors):

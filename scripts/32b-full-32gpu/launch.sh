@@ -26,7 +26,7 @@ run_grpo() {  # Stage 2: GRPO with the reflection-aware reward, from the SFT out
 
 run_eval() {  # base, SFT and GRPO side by side: metrics.json, report.md
   [ "${NODE_RANK:-0}" = 0 ] || return 0   # one process is enough
-  srpo eval --model Qwen/Qwen2.5-VL-32B-Instruct,runs/32b-full-32gpu/sft/final,runs/32b-full-32gpu/grpo/final --benchmarks mathvista,mathverse,mathvision,mmmu_pro --out runs/32b-full-32gpu/eval "$@"
+  srpo eval --model Qwen/Qwen2.5-VL-32B-Instruct,runs/32b-full-32gpu/sft/final,runs/32b-full-32gpu/grpo/final --benchmarks mathvista,mathverse,mathvision,mmmu_pro --backend vllm --out runs/32b-full-32gpu/eval "$@"
 }
 
 case "$STAGE" in

@@ -23,7 +23,7 @@ run_grpo() {  # Stage 2: GRPO with the reflection-aware reward, from the SFT out
 }
 
 run_eval() {  # base, SFT and GRPO side by side: metrics.json, report.md
-  srpo eval --model Qwen/Qwen2.5-VL-3B-Instruct,runs/3b-lora-1gpu/sft/merged,runs/3b-lora-1gpu/grpo/merged --benchmarks mathvista,mathverse,mathvision,mmmu_pro --out runs/3b-lora-1gpu/eval "$@"
+  srpo eval --model Qwen/Qwen2.5-VL-3B-Instruct,runs/3b-lora-1gpu/sft/merged,runs/3b-lora-1gpu/grpo/merged --benchmarks mathvista,mathverse,mathvision,mmmu_pro --backend vllm --out runs/3b-lora-1gpu/eval "$@"
 }
 
 case "$STAGE" in

@@ -33,7 +33,7 @@ run_grpo() {  # Stage 2: GRPO with the reflection-aware reward, from the SFT out
 }
 
 run_eval() {  # base, SFT and GRPO side by side: metrics.json, report.md
-  srpo eval --model Qwen/Qwen2.5-VL-7B-Instruct,runs/7b-full-8gpu/sft/final,runs/7b-full-8gpu/grpo/final --benchmarks mathvista,mathverse,mathvision,mmmu_pro --out runs/7b-full-8gpu/eval "$@"
+  srpo eval --model Qwen/Qwen2.5-VL-7B-Instruct,runs/7b-full-8gpu/sft/final,runs/7b-full-8gpu/grpo/final --benchmarks mathvista,mathverse,mathvision,mmmu_pro --backend vllm --out runs/7b-full-8gpu/eval "$@"
 }
 
 case "$STAGE" in

@@ -22,7 +22,7 @@ run_grpo() {  # Stage 2: GRPO with the reflection-aware reward, from the SFT out
 }
 
 run_eval() {  # base, SFT and GRPO side by side: metrics.json, report.md
-  srpo eval --model tiny,runs/tiny-cpu/sft/final,runs/tiny-cpu/grpo/final --benchmarks generated --limit 8 --out runs/tiny-cpu/eval "$@"
+  srpo eval --model tiny,runs/tiny-cpu/sft/final,runs/tiny-cpu/grpo/final --preset tiny --benchmarks generated --limit 8 --out runs/tiny-cpu/eval "$@"
 }
 
 case "$STAGE" in
