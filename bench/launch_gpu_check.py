@@ -86,9 +86,9 @@ def main():
     cuda = torch.cuda.is_available()
     preset = load_preset(a.preset)
     over = {}
-    if a.prompts_per_rollout:
-        over.update(prompts_per_rollout=a.prompts_per_rollout,
-                    train_batch_size=a.prompts_per_rollout * preset.grpo.get("num_generations", 8))
+    if a.prompts_per_rollout:   # one optimizer step per rollout
+        G = check_stage_configs(preset)["grpo"].num_generations
+        over.update(prompts_per_rollout=a.prompts_per_rollout, train_batch_size=a.prompts_per_rollout * G)
     if a.max_completion_length: over["max_completion_length"] = a.max_completion_length
     if a.no_vllm: over["use_vllm"] = False
     preset = dataclasses.replace(preset, grpo={**preset.grpo, **over})

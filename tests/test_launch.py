@@ -58,6 +58,39 @@ def test_generated_files_parse(name, tmp_path):
     assert GRPOTrainConfig.from_file(tmp_path / "grpo.yaml").output_dir == f"runs/{name}/grpo"
 
 
+@pytest.mark.parametrize("name", ["7b-full-8gpu", "32b-full-32gpu"])
+def test_accelerate_takes_the_generated_launch_lines(name, tmp_path, monkeypatch):
+    "Each `accelerate launch` line of launch.sh passes accelerate's own argument checks and builds its DeepSpeed plugin."
+    import shlex
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, prepare_deepspeed_cmd_env
+    from srpo_nb.launch import train_processes
+    write_launch(name, tmp_path)
+    p = load_preset(name)
+    subs = {"$HERE": str(tmp_path), "$NODE_RANK": "0", "$MASTER_ADDR": "10.0.0.1", "$MASTER_PORT": "29500"}
+    lines = [l for l in (tmp_path / "launch.sh").read_text().splitlines() if "accelerate launch" in l]
+    assert len(lines) == 2, lines   # SFT and GRPO
+    for line in lines:
+        for k, v in subs.items(): line = line.replace(k, v)
+        stage = "sft" if " srpo sft " in line else "grpo"
+        argv = shlex.split(line.split("accelerate launch", 1)[1])
+        args, defaults, mp_from_config = _validate_launch_command(launch_command_parser().parse_args(argv))
+        assert args.use_deepspeed and args.num_processes == train_processes(p, stage) and args.num_machines == p.nodes
+        assert args.deepspeed_config_file == str(tmp_path / f"ds_{stage}.json")
+        # what `accelerate launch` does next: the DeepSpeed env of each process, then the plugin the Trainer builds
+        args.deepspeed_fields_from_accelerate_config = ",".join(
+            list(defaults.deepspeed_config.keys()) + (["mixed_precision"] if mp_from_config else []))
+        _, env = prepare_deepspeed_cmd_env(args)
+        for k, v in env.items():
+            if k.startswith("ACCELERATE_"): monkeypatch.setenv(k, v)
+        plugin = DeepSpeedPlugin()
+        plugin.set_mixed_precision("bf16")
+        zero = json.loads((tmp_path / f"ds_{stage}.json").read_text())["zero_optimization"]
+        assert plugin.zero_stage == zero["stage"] == int(getattr(p, f"{stage}_parallel")[-1])
+        assert plugin.deepspeed_config["bf16"]["enabled"] is True
+        assert plugin.zero3_init_flag == (zero["stage"] == 3)
+
+
 def test_committed_scripts_are_fresh():
     assert check_scripts(REPO / "scripts") == []
 
