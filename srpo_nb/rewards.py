@@ -185,7 +185,9 @@ def choice_index(ans: str, choices: Optional[tuple], letter_ok: bool = True) -> 
             l, rest = m.group(1), m.group(2)
             i = LETTERS.index(l)
             if choices and i < len(choices):
-                if _norm_text(rest) == _norm_text(choices[i]): return i
+                j = choice_index(rest, choices, letter_ok=False)
+                if j == i or (j is None and not _OTHER_OPTION_RE.search(rest)): return i  # option i's text, or a paraphrase
+                return None   # the text is another option's, or names another letter
             elif not _OTHER_OPTION_RE.search(rest): return i
     if not choices: return None
     n = _norm_text(ans)
