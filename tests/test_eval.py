@@ -113,6 +113,8 @@ CASES = [
     ("mmmu_pro", "The answer is B.", MMMU10, True, False),
     ("mmmu_pro", "\\boxed{The spread of pathogens across the Silk Road}", MMMU10, True, False),
     ("mmmu_pro", "\\boxed{A}", MMMU10, False, False),
+    ("mmmu_pro", "\\boxed{(B) Pathogens spreading along the Silk Road}", MMMU10, True, False),  # letter + paraphrase
+    ("mmmu_pro", "\\boxed{(A) The spread of pathogens across the Silk Road}", MMMU10, False, True),  # letter vs B's text
     ("mmmu_pro", "Hard to say.", MMMU10, False, True),                        # no random fallback
     ("mmmu_pro", "\\boxed{J}", MMMU_J, True, False),                          # ten options: A-J
     ("mmmu_pro", "\\boxed{False}", MMMU_TF, True, False),
