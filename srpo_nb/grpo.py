@@ -18,6 +18,7 @@ from .core import Config, check_choice, has_cuda, is_installed, optional_import,
 from .data import Problem, format_question, load_problem_source
 from .format import RL_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, make_messages
 from .models import (PRECISIONS, cast_trainable, import_unsloth, load_policy, lora_config, precision_plan, resolve_model,
+                     use_torch_logprobs,
                      trainable_parameter_names, use_unsloth_now, vision_token_ids)
 from .rewards import TRANSITIONS, VARIANTS, RewardConfig, make_reward_funcs, reward_weights
 
@@ -447,6 +448,7 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
     problems — for experiments and tests; the online filter then needs a function named `filter_on`. `policy`: a
     `(model, processor)` pair already in memory (e.g. a random-init model for a benchmark) instead of `config.model`."""
     if use_unsloth_now(config.use_unsloth) and policy is None: import_unsloth()  # before transformers/trl/peft load
+    use_torch_logprobs()  # on a CPU: TRL's fused log-prob kernel as plain PyTorch
     import torch
     out = Path(config.output_dir); out.mkdir(parents=True, exist_ok=True)
     if config.num_threads: torch.set_num_threads(config.num_threads)

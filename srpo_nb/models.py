@@ -20,7 +20,8 @@ __all__ = ['QWEN_ADDED_TOKENS', 'QWEN_FIRST_ADDED_ID', 'QWEN25VL_CHAT_TEMPLATE',
            'build_tiny_qwen25vl', 'tiny_model_path', 'resolve_model', 'state_dict_equal', 'vision_modules',
            'freeze_vision_tower', 'trainable_parameter_names', 'lora_config', 'resolve_dtype', 'PrecisionPlan',
            'precision_plan', 'bnb_config', 'cast_trainable', 'process_device', 'use_unsloth_now', 'import_unsloth',
-           'load_policy', 'vision_token_ids', 'check_prompts', 'HFGenerator', 'VLLMGenerator', 'make_generator']
+           'load_policy', 'TorchLogProbs', 'use_torch_logprobs', 'vision_token_ids', 'check_prompts', 'HFGenerator',
+           'VLLMGenerator', 'make_generator']
 
 # %% ../nbs/01_models.ipynb #5c57f610
 QWEN_ADDED_TOKENS = (  # (token, special) in id order, starting at 151643 in the real vocabulary
@@ -376,6 +377,41 @@ def load_policy(name_or_path: str | os.PathLike, lora: Any = None, freeze_vision
             model = peft.get_peft_model(model, lora_config(lora))
     if freeze_vision: freeze_vision_tower(model)
     return model, processor
+
+# %% ../nbs/01_models.ipynb #718e22a4
+class TorchLogProbs:
+    "TRL's fused LM-head log-probs (`ChunkedLogProbFunction.apply`'s signature and outputs) in plain PyTorch, for CPUs."
+    @staticmethod
+    def apply(hidden, weight, bias, targets, temperature, chunk_size, softcap=None, logit_scale=1.0,
+              outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+        import torch
+        dev = hidden.device.type
+        cd = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+        parts = []
+        for s in range(0, max(hidden.shape[0], 1), 4096):  # token chunks bound the logits' memory (one, empty, for 0 tokens)
+            with torch.autocast(dev, enabled=False):
+                z = hidden[s:s + 4096].to(cd) @ weight.to(cd).t()
+                if bias is not None: z = z + bias.to(cd)
+                z = z.float() * logit_scale
+                if softcap: z = softcap * torch.tanh(z / softcap)
+                z = z / temperature
+                logp = torch.log_softmax(z, dim=-1)
+                t = targets[s:s + 4096]
+                out = [logp.gather(-1, t[:, None]).squeeze(-1)]
+                out.append(-(logp.exp() * logp).sum(-1) if "entropy" in outputs else None)
+                with torch.no_grad():
+                    out.append(torch.logsumexp(2 * logp, -1) if "log_sum_sq_probs" in outputs else None)
+                    out.append(z.mean(-1) if "mean_logits" in outputs else None)
+                    out.append(z.argmax(-1) == t if "is_top1" in outputs else None)
+            parts.append(out)
+        return tuple(None if parts[0][i] is None else torch.cat([p[i] for p in parts]) for i in range(5))
+
+def use_torch_logprobs(force: bool = False) -> bool:
+    "Hand TRL the plain-PyTorch log-probs on a machine without CUDA (or when `force`); True when they are in use."
+    import torch
+    import trl.trainer.utils as tu
+    if force or not torch.cuda.is_available(): tu._ChunkedLogProbFunction = TorchLogProbs
+    return tu._ChunkedLogProbFunction is TorchLogProbs
 
 # %% ../nbs/01_models.ipynb #8d8ff79e
 VISION_PLACEHOLDERS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Optional, Sequence
 from .core import Config, check_choice, has_cuda, is_installed, optional_import, seed_everything
 from .format import SFT_SYSTEM_PROMPT, make_messages, parse_completion, render_sft_target
 from .models import (LM_LORA_TARGETS, PRECISIONS, build_tiny_qwen25vl, cast_trainable, import_unsloth, load_policy,
-                            lora_config, precision_plan, resolve_model, use_unsloth_now)
+                            lora_config, precision_plan, resolve_model, use_torch_logprobs, use_unsloth_now)
 
 # %% auto #0
 __all__ = ['QWEN25VL_7B_CONFIG', 'SFTConfig', 'check_sft_rows', 'load_sft_rows', 'draw_bars', 'demo_sft_rows',
@@ -262,6 +262,7 @@ def _trainer_class():
 def build_sft_trainer(config: SFTConfig, rows=None, callbacks: Optional[list] = None):
     "TRL's SFTTrainer over the policy from `load_policy` and the checked SFT rows, ready to train or to collate."
     if use_unsloth_now(config.use_unsloth): import_unsloth()  # before transformers/trl/peft load
+    use_torch_logprobs()  # on a CPU: TRL's fused log-prob kernel as plain PyTorch
     ds = load_sft_rows(rows if rows is not None else config.dataset, config.max_rows)
     if config.assistant_only_loss: ds = to_prompt_completion(ds)
     args = trl_args(config)  # before the model: the distributed state, and ZeRO-3 partitions the weights as they load
