@@ -3,6 +3,7 @@ tiny model (generated split + every benchmark's example rows), kill-and-resume, 
 import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -338,3 +339,23 @@ def test_unknown_question_type_fails_at_load():
     ds = example_dataset("mathverse").map(lambda r: {"question_type": "multiple choice" if r["sample_index"] == "2" else r["question_type"]})
     with pytest.raises(ValueError, match="mathverse row '2': question_type='multiple choice' is not one of"):
         load_benchmark("mathverse", dataset=ds)
+
+
+def test_metrics_end_to_end_with_scripted_answers(tmp_path):
+    "Known answers through generation, scoring and metrics: the numbers come out as counted by hand."
+    from srpo_nb.eval import EvalConfig, evaluate_items, metrics_from_records
+
+    class Scripted:
+        processor = None   # no tokenizer: lengths are counted as words and marks
+        def __init__(self, answers): self.answers = list(answers)
+        def generate(self, prompts, **kw): return [[self.answers.pop(0)] for _ in prompts]
+
+    items = load_benchmark("mmmu_pro_10", dataset=example_dataset("mmmu_pro_10"))
+    assert [it.row["answer"] for it in items] == ["B", "A", "B"]
+    answers = ["\\boxed{B}", five("\\boxed{B}", "\\boxed{A}"), "no idea"]   # right; wrong -> right; unparsed
+    recs = evaluate_items(Scripted(answers), items, tmp_path / "p.jsonl", "scripted", EvalConfig(batch_size=2, progress=False))
+    m = metrics_from_records(recs)["benchmarks"]["mmmu_pro_10"]
+    assert m == {"n": 3, "final_accuracy": 0.6667, "first_accuracy": 0.3333, "wrong_to_right": 0.3333,
+                 "right_to_wrong": 0.0, "reflection_rate": 0.3333, "mean_response_tokens": m["mean_response_tokens"],
+                 "unparsed": 1}
+    assert m["mean_response_tokens"] == round(sum(len(re.findall(r"\w+|\S", a)) for a in answers) / 3, 1)
