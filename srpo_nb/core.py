@@ -134,6 +134,16 @@ def _coerce(value: Any, t: Any) -> Any:
         raise TypeError(f"a {_type_name(t)}")
     return value
 
+def _field_types(cls) -> dict:
+    "Each field's annotation resolved to a type; one that cannot be resolved is taken as Any (not checked)."
+    try: return typing.get_type_hints(cls)
+    except Exception: pass
+    out, ns = {}, vars(importlib.import_module(cls.__module__))
+    for f in dataclasses.fields(cls):
+        try: out[f.name] = eval(f.type, ns) if isinstance(f.type, str) else f.type
+        except Exception: out[f.name] = Any
+    return out
+
 def _in_range(value, spec) -> bool:
     lo, hi, *extra = spec
     if extra and value in extra[0]: return True
@@ -164,7 +174,7 @@ class Config:
     def check_fields(self) -> None:
         "Coerce each field to its annotated type (`'1e-3'` → 0.001) and check `ranges`; a ConfigError names the field."
         name = type(self).__name__
-        hints = typing.get_type_hints(type(self))
+        hints = _field_types(type(self))
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             try: v = _coerce(v, hints.get(f.name, Any))
