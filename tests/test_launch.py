@@ -134,9 +134,16 @@ def test_tiny_cpu_two_processes_through_launch_sh(tmp_path):
     summary = json.loads((run / "grpo" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 2
     assert (run / "grpo" / "final" / "config.json").exists()
-    stage("eval")   # base, SFT and GRPO side by side
-    metrics = json.loads((run / "eval" / "metrics.json").read_text())
-    assert len(json.dumps(metrics)) > 0 and (run / "eval" / "report.md").exists()
+    stage("eval")   # base, SFT and GRPO side by side, one column each
+    from srpo_nb.eval import model_labels
+    from srpo_nb.launch import eval_models
+    labels = model_labels(eval_models(load_preset("tiny-cpu")))
+    assert len(set(labels)) == 3
+    for label in labels:
+        metrics = json.loads((run / "eval" / label / "metrics.json").read_text())
+        assert metrics["benchmarks"]["generated"]["n"] == 8, label
+    report = (run / "eval" / "report.md").read_text()
+    assert all(label in report for label in labels)
 
 
 def _nbytes(tensors):
