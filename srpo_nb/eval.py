@@ -694,10 +694,13 @@ def parse_benchmarks(spec) -> list[tuple[str, Optional[str]]]:
     return out
 
 def model_labels(models: Sequence[str]) -> list[str]:
-    "A short, unique, folder-safe label per model: 'tiny', a folder's name, or a hub id's last part."
+    "A short, unique, folder-safe label per model: 'tiny', a folder's name (with its parent's for final/merged/checkpoint-N), or a hub id's last part."
     labels: list = []
     for m in models:
-        base = re.sub(r"[^\w.+-]+", "_", str(m).rstrip("/").replace("\\", "/").split("/")[-1]) or "model"
+        parts = str(m).rstrip("/").replace("\\", "/").split("/")
+        name = parts[-1]
+        if len(parts) > 1 and re.fullmatch(r"final|merged|checkpoint-\d+", name): name = f"{parts[-2]}-{name}"  # runs/x/sft/final -> sft-final
+        base = re.sub(r"[^\w.+-]+", "_", name) or "model"
         label, k = base, 2
         while label in labels: label, k = f"{base}-{k}", k + 1
         labels.append(label)
