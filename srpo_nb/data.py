@@ -851,7 +851,7 @@ class HubSchema:
     mapper: Callable     # (row, _Row, require_image) -> Problem
     load_args: tuple     # positional path for datasets.load_dataset
     load_kwargs: dict    # fixed keyword arguments for datasets.load_dataset
-    verified: bool       # schema seen in a primary source (DATASETS.md)
+    verified: bool       # columns read from the dataset's own card or files (False: inferred, UNVERIFIED)
 
 HUB_SCHEMAS = {s.name: s for s in [
     HubSchema("virl39k", "TIGER-Lab/ViRL39K", ("qid", "question", "answer", "image"), "qid", map_virl39k,
@@ -865,7 +865,7 @@ HUB_SCHEMAS = {s.name: s for s in [
     HubSchema("mulberry", "HuanjinYao/Mulberry-SFT", ("images", "messages"), None, map_mulberry,
               ("json",), {"data_files": {"train": "hf://datasets/HuanjinYao/Mulberry-SFT/mulberry_sft.json"}}, False)]}
 HUB_DATASETS = {s.dataset_id: s.name for s in HUB_SCHEMAS.values()}
-NOT_IMPLEMENTED = {"mathv360k": "MathV360K's column names are not recorded (../shared/DATASETS.md); convert it to "
+NOT_IMPLEMENTED = {"mathv360k": "MathV360K's column names could not be checked against a primary source; convert it to "
                                 "geometry3k-style columns (images, problem, answer) and load it with schema='geometry3k'"}
 
 def _resolve_schema(dataset, schema: Optional[str]) -> HubSchema:
@@ -897,7 +897,7 @@ def iter_hub_problems(dataset, split: str = "train", limit: Optional[int] = None
         args, fixed = (spec.load_args, spec.load_kwargs) if dataset == spec.dataset_id else ((dataset,), {})
         dataset = datasets.load_dataset(*args, split=split, streaming=streaming, **{**fixed, **load_kwargs})
     report = report if report is not None else LoadReport(name, split)
-    hint = f" — expected the {spec.name} schema{'' if spec.verified else ' (UNVERIFIED: see ../shared/DATASETS.md)'}"
+    hint = f" — expected the {spec.name} schema{'' if spec.verified else ' (UNVERIFIED: these columns were not checked against the dataset itself; compare them with your copy)'}"
     columns = getattr(dataset, "column_names", None)
     if columns is not None: _check_columns(columns, spec.required, name, hint)
     root = Path(image_root) if image_root is not None else None
