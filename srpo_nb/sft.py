@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
 
-from .core import Config, check_choice, has_cuda, is_installed, optional_import, seed_everything
+from .core import (Config, check_choice, has_cuda, is_installed, optional_import, seed_everything,
+                         RunFolderError, checkpoint_callback, check_model_source, claim_run_dir, finish_run,
+                         latest_complete_checkpoint, run_finished, trim_jsonl)
 from .format import SFT_SYSTEM_PROMPT, make_messages, parse_completion, render_sft_target
 from .models import (LM_LORA_TARGETS, PRECISIONS, build_tiny_qwen25vl, cast_trainable, import_unsloth, load_policy,
                             lora_config, precision_plan, resolve_model, use_torch_logprobs, use_unsloth_now)
@@ -57,6 +60,7 @@ class SFTConfig(Config):
     save_steps: int = 500              # write checkpoint-N every n optimizer steps
     save_total_limit: Optional[int] = None  # keep at most this many checkpoints (None = all)
     resume_from_checkpoint: Optional[str] = None  # None, "latest" (newest checkpoint-N of output_dir, if any) or a folder
+    overwrite: bool = False            # a new run into a folder that holds an earlier one: start over (its files removed)
     export_merged: bool = False        # after a LoRA run, also write the merged full model to output_dir/merged
     use_unsloth: Any = False           # unsloth's FastVisionModel: False, True (needs CUDA) or "auto"
     attn_implementation: Optional[str] = None  # e.g. "flash_attention_2" on GPUs; None = transformers' choice
@@ -69,6 +73,11 @@ class SFTConfig(Config):
                      per_device_train_batch_size=4, gradient_accumulation_steps=2, max_pixels=None, dtype="float32",
                      gradient_checkpointing=False, logging_steps=1, save_steps=10, seed=0),
     }
+    ranges: ClassVar[dict] = dict(lora_r=(1, None), lora_alpha=(1, None), lora_dropout=(0, 1), learning_rate=(0, None),
+                                  num_train_epochs=(0, None), max_steps=(1, None, {-1}),
+                                  per_device_train_batch_size=(1, None), gradient_accumulation_steps=(1, None),
+                                  max_length=(1, None), max_pixels=(1, None), weight_decay=(0, None),
+                                  logging_steps=(1, None), save_steps=(1, None), save_total_limit=(1, None), max_rows=(1, None))
 
     def __post_init__(self):
         check_choice("finetune", self.finetune, ["full", "lora"])
@@ -225,10 +234,8 @@ def trl_args(config: SFTConfig):
 
 # %% ../nbs/06_sft.ipynb #387fb0b9
 def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
-    "The `checkpoint-N` folder with the largest N in `output_dir`, or None."
-    d = Path(output_dir)
-    found = [p for p in d.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()] if d.is_dir() else []
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+    "The newest *complete* `checkpoint-N` in `output_dir` (one torn by a kill during its save is skipped), or None."
+    return latest_complete_checkpoint(output_dir)
 
 def resolve_checkpoint(config: SFTConfig) -> Optional[Path]:
     "The checkpoint to resume from: None, the newest in output_dir for 'latest' (None if there is none), or the folder named."
@@ -364,15 +371,39 @@ def _metrics_logger(path: Path):
     return MetricsLogger()
 
 # %% ../nbs/06_sft.ipynb #4ebccc9f
+def _finished_result(out: Path, marker: dict) -> SFTResult:
+    "The result of a run that already finished: nothing is trained or rewritten."
+    m = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
+    print(f"SFT run in {out} already finished at step {marker.get('global_step')}: nothing to resume "
+          f"(final model: {out / 'final'}; a larger max_steps continues it)", flush=True)
+    merged = out / "merged" if (out / "merged").exists() else None
+    return SFTResult(out, out / "final", marker.get("global_step", 0), m.get("final", {}), m.get("log_history", []), merged)
+
 def train_sft(config: SFTConfig, rows=None, callbacks: Optional[list] = None) -> SFTResult:
     "Stage 1b: train the policy on the SFT rows (`rows`, else `config.dataset`) and save the run; see `SFTConfig`."
-    out = Path(config.output_dir); out.mkdir(parents=True, exist_ok=True)
-    trainer = build_sft_trainer(config, rows, callbacks=[_metrics_logger(out / "metrics.jsonl"), *(callbacks or [])])
+    out = Path(config.output_dir)
+    resume = config.resume_from_checkpoint not in (None, "", False)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    if rank0: claim_run_dir(out, "sft", resume=resume, overwrite=config.overwrite)  # one run per folder
+    done = run_finished(out, config.max_steps, config.num_train_epochs) if resume else None
+    if done is not None: return _finished_result(out, done)
+    check_model_source(resolve_model(config.model))
+    if rank0 and resume:  # steps after the checkpoint are trained (and logged) again
+        ckpt = resolve_checkpoint(config)
+        trim_jsonl(out / "metrics.jsonl", json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else 0)
+    trainer = build_sft_trainer(config, rows, callbacks=[checkpoint_callback(), _metrics_logger(out / "metrics.jsonl"),
+                                                         *(callbacks or [])])
     main = trainer.is_world_process_zero()
     if main: config.save(out / "sft_config.yaml")
     train_out = trainer.train(resume_from_checkpoint=trainer.resume_checkpoint)
-    final = out / "final"
-    trainer.save_model(str(final))  # every rank: ZeRO-3 gathers the shards here
+    final, partial = out / "final", out / ".final.partial"
+    if main and partial.exists(): shutil.rmtree(partial)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(partial))  # every rank: ZeRO-3 gathers the shards here; written aside, then renamed
+    trainer.accelerator.wait_for_everyone()
+    if main:
+        if final.exists(): shutil.rmtree(final)
+        os.replace(partial, final)
     history = trainer.state.log_history
     merged = None
     if main:
@@ -380,6 +411,8 @@ def train_sft(config: SFTConfig, rows=None, callbacks: Optional[list] = None) ->
                                                       "log_history": history}, indent=1, default=str))
         plot_loss(history, out / "loss.png")
         if config.export_merged and config.finetune == "lora": merged = export_merged(final, out / "merged")
+        finish_run(out, finished=trainer.state.global_step >= trainer.state.max_steps, global_step=trainer.state.global_step,
+                   max_steps=config.max_steps, num_train_epochs=config.num_train_epochs)
     return SFTResult(out, final, trainer.state.global_step, train_out.metrics, history, merged, trainer.model)
 
 # %% ../nbs/06_sft.ipynb #4d42a856
@@ -438,11 +471,13 @@ def sft_memory_gib(model, finetune: str = "full", r: int = 16, n_gpus: int = 1, 
 
 # %% ../nbs/06_sft.ipynb #c8762b82
 def run_sft(config: Optional[str] = None, preset: Optional[str] = None, output_dir: Optional[str] = None,
-            max_steps: Optional[int] = None, resume_from_checkpoint: Optional[str] = None, **overrides) -> SFTResult:
+            max_steps: Optional[int] = None, resume_from_checkpoint: Optional[str] = None, overwrite: bool = False,
+            **overrides) -> SFTResult:
     "`srpo sft`: an SFTConfig from a JSON/YAML file and/or a preset plus overrides; train; print a summary."
     if config is None and preset is None: raise ValueError("srpo sft needs --config FILE and/or --preset NAME (e.g. tiny)")
     over = {k: v for k, v in dict(overrides, output_dir=output_dir, max_steps=max_steps,
                                   resume_from_checkpoint=resume_from_checkpoint).items() if v is not None}
+    if overwrite: over["overwrite"] = True
     cfg = SFTConfig.from_file(config, preset=preset, **over) if config else SFTConfig.from_dict(preset=preset, **over)
     res = train_sft(cfg)
     last = res.losses[-1][1] if res.losses else float("nan")

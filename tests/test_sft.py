@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
+from srpo_nb.core import mark_checkpoint_complete
 from srpo_nb.format import make_messages
 from srpo_nb.models import HFGenerator, build_tiny_qwen25vl, load_policy, state_dict_equal
 from srpo_nb.sft import (SFTConfig, build_sft_trainer, check_sft_rows, demo_sft_rows, export_merged,
@@ -247,9 +248,10 @@ def test_load_sft_rows_sources_and_errors(rows, tmp_path):
 def test_resolve_checkpoint(tmp_path):
     assert resolve_checkpoint(SFTConfig(output_dir=str(tmp_path))) is None
     assert resolve_checkpoint(SFTConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")) is None  # fresh start
-    for n in (5, 40, 100):
+    for n in (5, 40, 100, 120):
         (tmp_path / f"checkpoint-{n}").mkdir()
         (tmp_path / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+        if n < 120: mark_checkpoint_complete(tmp_path / f"checkpoint-{n}")   # checkpoint-120: killed during its save
     assert resolve_checkpoint(SFTConfig(output_dir=str(tmp_path), resume_from_checkpoint="latest")).name == "checkpoint-100"
     assert resolve_checkpoint(SFTConfig(resume_from_checkpoint=str(tmp_path / "checkpoint-40"))).name == "checkpoint-40"
     with pytest.raises(FileNotFoundError, match="not a trainer checkpoint"):
