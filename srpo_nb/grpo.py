@@ -8,13 +8,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any, ClassVar, Optional, Sequence
 
-from .core import Config, check_choice, has_cuda, is_installed, optional_import, seed_everything
+from .core import (Config, check_choice, has_cuda, is_installed, optional_import, seed_everything,
+                         checkpoint_callback, check_model_source, claim_run_dir, finish_run,
+                         latest_complete_checkpoint, run_finished, trim_jsonl)
 from .data import Problem, format_question, load_problem_source
 from .format import RL_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, make_messages
 from .models import (PRECISIONS, cast_trainable, import_unsloth, load_policy, lora_config, precision_plan, resolve_model,
@@ -107,6 +110,7 @@ class GRPOTrainConfig(Config):
     wandb_project: str = "srpo_nb"
     verbose: bool = True              # one console line per log step (instead of TRL's full dict)
     resume_from_checkpoint: Optional[str] = None  # a checkpoint folder, or "latest" (the newest under output_dir, if any)
+    overwrite: bool = False           # a new run into a folder that holds an earlier one: start over (its files removed)
     num_threads: Optional[int] = None  # torch CPU threads (1 avoids oversubscription on small shared CPUs)
 
     presets: ClassVar[dict] = {
@@ -115,6 +119,15 @@ class GRPOTrainConfig(Config):
                      warmup_ratio=0.0, max_completion_length=32, max_steps=8, save_steps=4,
                      gradient_checkpointing=False, output_dir="runs/grpo-tiny", num_threads=1, seed=0),
     }
+    ranges: ClassVar[dict] = dict(max_problems=(1, None), max_prompt_length=(1, None), max_pixels=(1, None),
+                                  filter_low=(0, 1), filter_high=(0, 1), num_generations=(2, None), prompts_per_rollout=(1, None),
+                                  train_batch_size=(1, None), per_device_batch_size=(1, None), num_iterations=(1, None),
+                                  learning_rate=(0, None), adam_beta1=(0, 1), adam_beta2=(0, 1), weight_decay=(0, None),
+                                  min_lr_ratio=(0, 1), warmup_ratio=(0, 1), max_grad_norm=(0, None), epsilon=(0, None),
+                                  beta=(0, None), temperature=(0, None), max_completion_length=(1, None),
+                                  num_train_epochs=(0, None), max_steps=(1, None, {-1}), vllm_gpu_memory_utilization=(0, 1),
+                                  logging_steps=(1, None), save_steps=(1, None), save_total_limit=(1, None),
+                                  print_completions=(0, None), num_threads=(1, None))
 
     def __post_init__(self):
         check_choice("reward", self.reward, VARIANTS)
@@ -420,9 +433,9 @@ def find_checkpoint(config: GRPOTrainConfig) -> Optional[str]:
     "The checkpoint to resume from: `resume_from_checkpoint` as given, or the newest under output_dir for 'latest'."
     r = config.resume_from_checkpoint
     if r is None: return None
-    if r == "latest":
-        from transformers.trainer_utils import get_last_checkpoint
-        return get_last_checkpoint(config.output_dir) if Path(config.output_dir).is_dir() else None
+    if r == "latest":  # the newest checkpoint whose save completed (one torn by a kill is skipped)
+        c = latest_complete_checkpoint(config.output_dir)
+        return str(c) if c is not None else None
     if not (Path(r) / "trainer_state.json").exists(): raise FileNotFoundError(f"not a checkpoint folder (no trainer_state.json): {r}")
     return r
 
@@ -440,6 +453,16 @@ class GRPOResult:
     trainer: Any = field(default=None, repr=False)
 
 # %% ../nbs/08_grpo.ipynb #79be02e4
+def _finished_result(out: Path, marker: dict) -> GRPOResult:
+    "The result of a run that already finished: nothing is trained or rewritten."
+    s = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    print(f"GRPO run in {out} already finished at step {marker.get('global_step')}: nothing to resume "
+          f"(final model: {out / 'final'}; a larger max_steps continues it)", flush=True)
+    metrics = read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else []
+    plots = {p.stem: p for p in sorted((out / "plots").glob("*.png"))}
+    return GRPOResult(out, out / "final", marker.get("global_step", 0), metrics, s.get("filter_totals", {}),
+                      s.get("transition_totals", {}), s.get("dataset", {}), plots)
+
 def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, train_dataset=None,
                callbacks: Optional[list] = None, keep_trainer: bool = False, policy: Optional[tuple] = None) -> GRPOResult:
     """SRPO Stage 2: GRPO on TRL with the config's reward, online filter and logging; returns a `GRPOResult`.
@@ -450,7 +473,12 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
     if use_unsloth_now(config.use_unsloth) and policy is None: import_unsloth()  # before transformers/trl/peft load
     use_torch_logprobs()  # on a CPU: TRL's fused log-prob kernel as plain PyTorch
     import torch
-    out = Path(config.output_dir); out.mkdir(parents=True, exist_ok=True)
+    out = Path(config.output_dir)
+    resume = config.resume_from_checkpoint is not None
+    if int(os.environ.get("RANK", "0")) == 0: claim_run_dir(out, "grpo", resume=resume, overwrite=config.overwrite)
+    done = run_finished(out, config.max_steps, config.num_train_epochs) if resume else None
+    if done is not None: return _finished_result(out, done)
+    if policy is None: check_model_source(resolve_model(config.model))
     if config.num_threads: torch.set_num_threads(config.num_threads)
     seed_everything(config.seed)
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -490,20 +518,38 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
         train_dataset, report = grpo_dataset(load_grpo_problems(config), config.prompt_text(), processor,
                                              config.max_prompt_length)
     metrics_path = out / "metrics.jsonl"
-    if rank0 and ckpt is None and metrics_path.exists(): metrics_path.unlink()
+    if rank0 and resume:  # the steps after the checkpoint are trained (and logged) again
+        trim_jsonl(metrics_path, json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"] if ckpt else 0)
+    holder = {}
+    def counters() -> dict:  # stored in each checkpoint, so a resumed run's totals cover the whole run
+        t = holder["trainer"]
+        return {"filter_totals": dict(t.filter_totals), "transition_totals": dict(t.transition_totals)}
     trainer = srpo_trainer_class()(
         model=model, processing_class=processor, reward_funcs=reward_funcs, args=args, train_dataset=train_dataset,
-        peft_config=peft_config, callbacks=[metrics_callback(metrics_path), *(callbacks or [])],
+        peft_config=peft_config, callbacks=[checkpoint_callback(counters), metrics_callback(metrics_path), *(callbacks or [])],
         filter_reward=filter_reward if config.online_filter else None,
         filter_low=config.filter_low, filter_high=config.filter_high)
     if args.fp16: cast_trainable(trainer.model, "float32")  # fp16 loss scaling unscales fp32 gradients only
     from transformers.trainer_callback import PrinterCallback
     trainer.remove_callback(PrinterCallback)
     if config.verbose: trainer.add_callback(progress_callback(config.reward))
+    holder["trainer"] = trainer
+    saved = Path(ckpt) / "srpo_state.json" if ckpt else None
+    if saved is not None and saved.exists():
+        state = json.loads(saved.read_text())
+        trainer.filter_totals.update(state.get("filter_totals", {}))
+        trainer.transition_totals.update(state.get("transition_totals", {}))
     trainer.train(resume_from_checkpoint=ckpt)
-    final = out / "final"
-    trainer.save_model(str(final))
-    if trainer.is_world_process_zero(): processor.save_pretrained(final)
+    final, partial = out / "final", out / ".final.partial"
+    if trainer.is_world_process_zero() and partial.exists(): shutil.rmtree(partial)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(partial))  # written aside, then renamed: final/ is complete or absent
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(partial)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        if final.exists(): shutil.rmtree(final)
+        os.replace(partial, final)
     metrics, plots = [], {}
     if trainer.is_world_process_zero():
         metrics = read_metrics(metrics_path) if metrics_path.exists() else []
@@ -513,6 +559,8 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
                    "world_size": trainer.accelerator.num_processes, "resumed_from": ckpt,
                    "trainable_parameters": len(trainable_parameter_names(model))}
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        finish_run(out, finished=trainer.state.global_step >= trainer.state.max_steps, global_step=trainer.state.global_step,
+                   max_steps=config.max_steps, num_train_epochs=config.num_train_epochs)
     trainer.accelerator.wait_for_everyone()  # every rank returns once the main one has written the run's files
     return GRPOResult(out, final, trainer.state.global_step, metrics, dict(trainer.filter_totals),
                       dict(trainer.transition_totals), report, plots, trainer if keep_trainer else None)
