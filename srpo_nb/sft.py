@@ -16,16 +16,17 @@ from typing import Any, ClassVar, Optional, Sequence
 
 from .core import (Config, check_choice, has_cuda, is_installed, optional_import, seed_everything,
                          RunFolderError, checkpoint_callback, check_model_source, claim_run_dir, finish_run,
-                         latest_complete_checkpoint, run_finished, trim_jsonl)
-from .format import SFT_SYSTEM_PROMPT, make_messages, parse_completion, render_sft_target
+                         latest_complete_checkpoint, run_finished, trim_jsonl, write_json_atomic)
+from .format import SFT_SYSTEM_PROMPT, make_messages, parse_completion, read_prompt, render_sft_target
 from .models import (LM_LORA_TARGETS, PRECISIONS, build_tiny_qwen25vl, cast_trainable, import_unsloth, load_policy,
                             lora_config, precision_plan, resolve_model, use_torch_logprobs, use_unsloth_now)
 
 # %% auto #0
-__all__ = ['QWEN25VL_7B_CONFIG', 'SFTConfig', 'check_sft_rows', 'load_sft_rows', 'draw_bars', 'demo_sft_rows',
-           'to_prompt_completion', 'set_max_pixels', 'trl_args', 'latest_checkpoint', 'resolve_checkpoint',
-           'build_sft_trainer', 'sft_batch', 'label_segments', 'sft_loss', 'SFTResult', 'plot_loss', 'train_sft',
-           'export_merged', 'meta_model', 'lora_parameter_count', 'sft_memory_gib', 'run_sft']
+__all__ = ['STAGE_MARKER', 'QWEN25VL_7B_CONFIG', 'SFTConfig', 'check_sft_rows', 'with_system_prompt', 'load_sft_rows',
+           'draw_bars', 'demo_sft_rows', 'to_prompt_completion', 'set_max_pixels', 'trl_args', 'latest_checkpoint',
+           'resolve_checkpoint', 'build_sft_trainer', 'sft_batch', 'label_segments', 'sft_loss', 'SFTResult',
+           'plot_loss', 'read_stage_marker', 'write_stage_marker', 'train_sft', 'export_merged', 'meta_model',
+           'lora_parameter_count', 'sft_memory_gib', 'run_sft']
 
 # %% ../nbs/06_sft.ipynb #9b4fa5f6
 @dataclass
@@ -67,6 +68,7 @@ class SFTConfig(Config):
     deepspeed: Optional[str] = None    # DeepSpeed JSON for multi-GPU full fine-tuning (paper: ZeRO-3 for 7B)
     report_to: str = "none"            # experiment tracker: "none", "wandb", "tensorboard", …
     max_rows: Optional[int] = None     # train on the first n rows only (smoke runs)
+    system_prompt: Optional[str] = None  # None keeps each row's system turn (Stage 1a wrote SFT_SYSTEM_PROMPT); a name in srpo_nb.format.PROMPTS, 'none' or a text file replaces it
 
     presets: ClassVar[dict] = {
         "tiny": dict(model="tiny", dataset="demo", output_dir="runs/sft-tiny", learning_rate=1e-2, max_steps=40,
@@ -90,6 +92,7 @@ class SFTConfig(Config):
         if not 0 <= self.warmup_ratio < 1: raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ValueError("set max_steps > 0 or num_train_epochs > 0")
+        read_prompt(self.system_prompt)   # a missing prompt file fails here, by name
 
     def lora(self) -> Optional[dict]:
         "The LoRA arguments for `load_policy`, or None for full fine-tuning."
@@ -137,6 +140,14 @@ def check_sft_rows(ds) -> dict:
         if not target.strip(): raise ValueError(f"{where}: empty assistant turn")
         if not (parse_completion(target, "sft").ok or parse_completion(target, "sft_with_think").ok): bad_format += 1
     return {"rows": len(ds), "images": sum(n or 0 for n in n_images), "bad_format": bad_format}
+
+def with_system_prompt(ds, text: Optional[str]):
+    "The rows with their system turn replaced by `text` (None: no system turn)."
+    def swap(row):
+        msgs = [m for m in row["messages"] if m["role"] != "system"]
+        if text is not None: msgs = [{"role": "system", "content": [{"type": "text", "text": text}]}] + msgs
+        return {"messages": msgs}
+    return ds.map(swap)
 
 def load_sft_rows(source, max_rows: Optional[int] = None):
     "SFT rows as a checked `datasets.Dataset`, from a Dataset, a list of dicts, a .parquet file, a folder or 'demo'."
@@ -186,7 +197,7 @@ def _demo_problem(rng: random.Random, right: bool):
         q, cot = f"How much taller is bar {L[i]} than bar {L[j]}?", f"{values[i]} and {values[j]} give {a}."
         wrong = f"The heights must be subtracted: {values[i]} - {values[j]} = {gold}, not {a}."
     reflection = "The reading is right; stating each height first would make it clearer." if right else wrong
-    return values, q, str(gold), cot, f"$\\boxed{{{a}}}$", reflection
+    return values, q, str(gold), cot, str(a), reflection
 
 def demo_sft_rows(n: int = 8, seed: int = 0, size: int = 112, system_prompt: str = SFT_SYSTEM_PROMPT) -> list[dict]:
     "`n` SFT rows on drawn bar charts, distinct questions where possible, in the reflection-data stage's schema."
@@ -271,6 +282,7 @@ def build_sft_trainer(config: SFTConfig, rows=None, callbacks: Optional[list] = 
     if use_unsloth_now(config.use_unsloth): import_unsloth()  # before transformers/trl/peft load
     use_torch_logprobs()  # on a CPU: TRL's fused log-prob kernel as plain PyTorch
     ds = load_sft_rows(rows if rows is not None else config.dataset, config.max_rows)
+    if config.system_prompt is not None: ds = with_system_prompt(ds, read_prompt(config.system_prompt))
     if config.assistant_only_loss: ds = to_prompt_completion(ds)
     args = trl_args(config)  # before the model: the distributed state, and ZeRO-3 partitions the weights as they load
     checkpoint = resolve_checkpoint(config)
@@ -370,6 +382,20 @@ def _metrics_logger(path: Path):
                 with open(path, "a") as f: f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
     return MetricsLogger()
 
+# %% ../nbs/06_sft.ipynb #5d1a7e01
+STAGE_MARKER = "srpo_stages.json"   # in a saved model folder: the SRPO stages its weights went through
+
+def read_stage_marker(model: str | os.PathLike) -> Optional[dict]:
+    "The stage marker of a local model folder (`stages`, `base_model`, …), or None for a hub id or an unmarked folder."
+    p = Path(str(model)) / STAGE_MARKER
+    try: return json.loads(p.read_text()) if p.is_file() else None
+    except ValueError: return None
+
+def write_stage_marker(folder: str | os.PathLike, stage: str, base_model: str, **info) -> Path:
+    "Record in a saved model folder that its weights went through `stage`, after the stages `base_model` had been through."
+    prior = (read_stage_marker(base_model) or {}).get("stages", [])
+    return write_json_atomic(Path(folder) / STAGE_MARKER, {"stages": [*prior, stage], "base_model": str(base_model), **info})
+
 # %% ../nbs/06_sft.ipynb #4ebccc9f
 def _finished_result(out: Path, marker: dict) -> SFTResult:
     "The result of a run that already finished: nothing is trained or rewritten."
@@ -411,6 +437,8 @@ def train_sft(config: SFTConfig, rows=None, callbacks: Optional[list] = None) ->
                                                       "log_history": history}, indent=1, default=str))
         plot_loss(history, out / "loss.png")
         if config.export_merged and config.finetune == "lora": merged = export_merged(final, out / "merged")
+        for folder in (final, merged):   # GRPO reads it: a policy without it is the paper's "w/o reflection SFT" ablation
+            if folder is not None: write_stage_marker(folder, "reflection_sft", config.model, dataset=str(config.dataset))
         finish_run(out, finished=trainer.state.global_step >= trainer.state.max_steps, global_step=trainer.state.global_step,
                    max_steps=config.max_steps, num_train_epochs=config.num_train_epochs)
     return SFTResult(out, final, trainer.state.global_step, train_out.metrics, history, merged, trainer.model)
