@@ -17,6 +17,8 @@ device's used memory sampled with nvidia-smi every 0.5 s (vLLM's pool is not in 
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")   # nothing from the hub: the model is built here
 
 
 def build_model_folder(preset, out: Path, device: str) -> Path:
@@ -77,6 +80,7 @@ def main():
     ap.add_argument("--prompts-per-rollout", type=int, default=None, help="override the preset's (and train_batch_size with it)")
     ap.add_argument("--max-completion-length", type=int, default=None)
     ap.add_argument("--no-vllm", action="store_true", help="generate with transformers instead of the preset's vLLM")
+    ap.add_argument("--use-unsloth", choices=["auto", "true", "false"], default=None, help="override the preset's use_unsloth")
     ap.add_argument("--out", default="/tmp/launch_gpu_check")
     a = ap.parse_args()
 
@@ -91,6 +95,7 @@ def main():
         over.update(prompts_per_rollout=a.prompts_per_rollout, train_batch_size=a.prompts_per_rollout * G)
     if a.max_completion_length: over["max_completion_length"] = a.max_completion_length
     if a.no_vllm: over["use_vllm"] = False
+    if a.use_unsloth: over["use_unsloth"] = {"auto": "auto", "true": True, "false": False}[a.use_unsloth]
     preset = dataclasses.replace(preset, grpo={**preset.grpo, **over})
     out = Path(a.out) / preset.name; out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -98,6 +103,7 @@ def main():
     build_s = time.perf_counter() - t0
 
     cfg = check_stage_configs(preset)["grpo"]
+    shutil.rmtree(out / "run", ignore_errors=True)   # a fresh run each time (the model folder is kept)
     cfg = GRPOTrainConfig.from_dict({**cfg.to_dict(), "model": str(folder), "data": "generated",
                                      "max_problems": max(64, 2 * cfg.prompts_per_rollout), "max_steps": a.steps,
                                      "output_dir": str(out / "run"), "resume_from_checkpoint": None,
