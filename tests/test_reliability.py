@@ -122,8 +122,7 @@ def test_serve_caps_max_tokens(tiny_gen):
         assert code == 200
         code, _ = post(srv.url, {**MSG("hi"), "max_completion_tokens": 3})
         assert code == 200
-    assert [c["max_new_tokens"] for c in spy.calls] == [5, 3]
-    assert body["usage"]["completion_tokens"] <= 5
+    assert [c["max_new_tokens"] for c in spy.calls] == [5, 3]   # what the model was asked for: never more than the cap
 
 
 @pytest.mark.parametrize("request_bytes,want", [
@@ -252,13 +251,14 @@ def test_teacher_auth_error_stops_the_stage(tmp_path, monkeypatch):
         assert srv.requests <= 2, f"{srv.requests} requests after a 401"
 
 
-def test_stage_without_rows_exits_nonzero(tmp_path):
+def test_stage_without_rows_exits_nonzero(tiny_path, tmp_path, capsys):
+    from srpo_nb.cli import main
     cfg = tmp_path / "r.json"
-    cfg.write_text(json.dumps({"preset": "tiny", "num_problems": 2, "max_new_tokens": 4, "total": 0,
-                               "out_dir": str(tmp_path / "r"), "progress": False}))
-    out = subprocess.run([SRPO, "data", "reflect", "--config", str(cfg)], capture_output=True, text=True, timeout=300,
-                         env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert out.returncode == 1 and "no SFT rows" in out.stderr, (out.returncode, out.stderr[-1500:])
+    cfg.write_text(json.dumps({"preset": "tiny", "policy_model": str(tiny_path), "num_problems": 2, "max_new_tokens": 4,
+                               "total": 0, "out_dir": str(tmp_path / "r"), "progress": False}))
+    assert main(["data", "reflect", "--config", str(cfg)]) == 1     # `srpo data reflect`, in this process
+    err = capsys.readouterr().err
+    assert "srpo data reflect: error: no SFT rows" in err, err[-1500:]
     assert (tmp_path / "r" / "summary.json").exists()   # what happened is still written down
 
 
@@ -309,3 +309,91 @@ def test_demo_keeps_the_users_files(tmp_path, monkeypatch):
     with pytest.raises(Stop): demo.run_demo(out_dir=str(run), verbose=False)
     assert (run / "notes.md").read_text() == "the user's notes"
     assert not (run / "sft").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run folders and checkpoints: a kill in the middle of a checkpoint save, then `latest`, resume, resume again
+
+KILL_RUNNER = """
+import json, os, signal, sys
+import transformers
+stage, cfg, kill_at = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+save = transformers.Trainer._save_optimizer_and_scheduler
+def torn_save(self, output_dir):
+    if self.state.global_step == kill_at:   # the weights are written; the optimizer file is half written; then the kill
+        with open(os.path.join(output_dir, "optimizer.pt"), "wb") as f: f.write(b"half an optimizer")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(self, output_dir)
+transformers.Trainer._save_optimizer_and_scheduler = torn_save
+if stage == "sft":
+    from srpo_nb.sft import SFTConfig as C, train_sft as train
+else:
+    from srpo_nb.grpo import GRPOTrainConfig as C, train_grpo as train
+res = train(C.from_dict(cfg))
+print("RESULT " + json.dumps({"global_step": res.global_step}))
+"""
+
+
+def killed_during_save(stage, cfg, kill_at, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SRPO_NB_HOME=str(tmp_path / "home"))
+    out = subprocess.run([sys.executable, "-c", KILL_RUNNER, stage, json.dumps(cfg), str(kill_at)], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert out.returncode == -9, (out.returncode, out.stderr[-3000:])
+    return out
+
+
+def steps_logged(path, key):
+    "The steps of the records in a metrics.jsonl that hold `key`."
+    return [r["step"] for r in map(json.loads, Path(path).read_text().splitlines()) if key in r]
+
+
+def test_sft_kill_during_checkpoint_save_then_resume(tiny_path, tmp_path, capsys):
+    from srpo_nb.core import is_complete_checkpoint, latest_complete_checkpoint, read_run_marker
+    from srpo_nb.sft import SFTConfig, train_sft
+    out = tmp_path / "sft"
+    cfg = dict(preset="tiny", model=str(tiny_path), output_dir=str(out), max_steps=3, save_steps=1, max_rows=2,
+               per_device_train_batch_size=1, gradient_accumulation_steps=1, max_length=512)
+    killed_during_save("sft", cfg, 2, tmp_path)
+    torn = out / "checkpoint-2"
+    assert torn.is_dir() and (torn / "optimizer.pt").read_bytes() == b"half an optimizer"
+    assert not is_complete_checkpoint(torn) and latest_complete_checkpoint(out).name == "checkpoint-1"
+    assert read_run_marker(out)["finished"] is False
+    resumed = train_sft(SFTConfig.from_dict({**cfg, "resume_from_checkpoint": "latest"}))
+    assert resumed.global_step == 3 and latest_complete_checkpoint(out).name == "checkpoint-3"
+    assert steps_logged(out / "metrics.jsonl", "loss") == [1, 2, 3]   # step 2 logged once, not twice
+    assert read_run_marker(out)["finished"] is True
+    final_mtime = (out / "final" / "model.safetensors").stat().st_mtime_ns
+    capsys.readouterr()
+    again = train_sft(SFTConfig.from_dict({**cfg, "resume_from_checkpoint": "latest"}))   # a finished run resumed
+    assert again.global_step == 3 and "already finished" in capsys.readouterr().out
+    assert (out / "final" / "model.safetensors").stat().st_mtime_ns == final_mtime and not (out / "checkpoint-4").exists()
+    with pytest.raises(RunFolderError, match="holds an earlier sft run"):   # a new run into the same folder
+        train_sft(SFTConfig.from_dict(cfg))
+    with pytest.raises(ConfigError, match=r"max_steps=0 is out of range"):
+        SFTConfig.from_dict({**cfg, "max_steps": 0})
+
+
+def test_grpo_kill_during_checkpoint_save_then_resume(tiny_path, tmp_path, capsys):
+    from srpo_nb.core import latest_complete_checkpoint, read_run_marker
+    from srpo_nb.grpo import GRPOTrainConfig, train_grpo
+    out = tmp_path / "grpo"
+    cfg = dict(preset="tiny", model=str(tiny_path), output_dir=str(out), max_problems=8, max_steps=2, save_steps=1,
+               verbose=False, tensorboard=False, log_completions=False)
+    killed_during_save("grpo", cfg, 2, tmp_path)
+    assert (out / "checkpoint-2").is_dir() and latest_complete_checkpoint(out).name == "checkpoint-1"
+    resumed = train_grpo(GRPOTrainConfig.from_dict({**cfg, "resume_from_checkpoint": "latest"}))
+    assert resumed.global_step == 2
+    assert steps_logged(out / "metrics.jsonl", "reward") == [1, 2]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["filter_totals"]["groups"] == 2 * 2, summary   # 2 groups a step, over the whole run, not the last step
+    assert read_run_marker(out)["finished"] is True
+    final_mtime = max(p.stat().st_mtime_ns for p in (out / "final").iterdir())
+    capsys.readouterr()
+    again = train_grpo(GRPOTrainConfig.from_dict({**cfg, "resume_from_checkpoint": "latest"}))
+    assert again.global_step == 2 and "already finished" in capsys.readouterr().out
+    assert max(p.stat().st_mtime_ns for p in (out / "final").iterdir()) == final_mtime
+    assert not (out / "checkpoint-3").exists()
+    with pytest.raises(RunFolderError, match="holds an earlier grpo run"):
+        train_grpo(GRPOTrainConfig.from_dict(cfg))
+    fresh = train_grpo(GRPOTrainConfig.from_dict({**cfg, "overwrite": True, "max_steps": 1}))   # started over, explicitly
+    assert fresh.global_step == 1 and sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
