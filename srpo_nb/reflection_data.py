@@ -416,7 +416,9 @@ class ClientGone(Exception):
 def peer_closed(sock) -> bool:
     "True when the other end of `sock` has closed it (readable, and a peek reads nothing)."
     try:
-        if not select.select([sock], [], [], 0)[0]: return False
+        poller = select.poll()   # poll, not select: no limit on the descriptor's number
+        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
+        if not poller.poll(0): return False
         return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
     except BlockingIOError: return False
     except (OSError, ValueError): return True
