@@ -167,8 +167,9 @@ def tiny_model_path(seed: int = 0, vocab: str = "small", rebuild: bool = False) 
     return path
 
 def resolve_model(name: str | os.PathLike) -> str:
-    "A model name as `load_policy` takes it: 'tiny' becomes the cached tiny Qwen2.5-VL; anything else is unchanged."
-    return str(tiny_model_path()) if str(name) == "tiny" else str(name)
+    "A model name as `load_policy` takes it: 'tiny' becomes the cached tiny Qwen2.5-VL; a folder that is not there is an error."
+    from srpo_nb.core import check_model_source
+    return str(tiny_model_path()) if str(name) == "tiny" else check_model_source(name)
 
 # %% ../nbs/01_models.ipynb #d8b43316
 def state_dict_equal(a, b) -> bool:
@@ -352,6 +353,8 @@ def load_policy(name_or_path: str | os.PathLike, lora: Any = None, freeze_vision
     `wrap_lora=False` returns the base model for a trainer that builds the adapters from `lora_config(lora)`."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from srpo_nb.core import check_model_source
+    check_model_source(name_or_path)  # a missing folder is named as such, not as a bad hub id
     if isinstance(dtype, str) and dtype in PRECISIONS:
         plan = precision_plan(dtype, lora is not None, load_in_4bit, pure_bf16, device)
         weights_dtype = plan.torch_weights
