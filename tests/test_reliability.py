@@ -291,6 +291,28 @@ def test_cli_user_errors_are_two_lines(tmp_path):
                          env=env, timeout=120)
     assert out.returncode == 1 and f"model folder not found: '{missing}'" in out.stderr, out.stderr[-2000:]
     assert len(out.stderr.strip().splitlines()) == 2
+    (tmp_path / "empty").mkdir()
+    out = subprocess.run([SRPO, "serve", "--model", str(tmp_path / "empty")], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 1 and "holds no config.json: not a saved model" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["sft", "--preset", "tiny", "--max-steps", "0"], "SFTConfig.max_steps=0 is out of range"),
+    (["grpo", "--preset", "tiny", "--max-steps", "0"], "GRPOTrainConfig.max_steps=0 is out of range"),
+    (["data", "reflect", "--preset", "tiny", "--out-dir", "{tmp}/r"], None),
+])
+def test_cli_bad_values_stop_before_any_model_loads(argv, named, tmp_path, capsys, monkeypatch):
+    import srpo_nb.grpo, srpo_nb.models, srpo_nb.sft
+    from srpo_nb.cli import main
+    def no_loading(*a, **k): raise AssertionError("a model was loaded")
+    for m in (srpo_nb.models, srpo_nb.sft, srpo_nb.grpo): monkeypatch.setattr(m, "load_policy", no_loading)
+    if named is None:   # a bad field in a config file, found before the rollouts
+        (tmp_path / "r.yaml").write_text("preset: tiny\nbatch_size: 0\n")
+        argv, named = ["data", "reflect", "--config", str(tmp_path / "r.yaml")], "ReflectionDataConfig.batch_size=0 is out of range"
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 1
+    err = capsys.readouterr().err
+    assert named in err and len(err.strip().splitlines()) == 2, err
 
 
 # ---------------------------------------------------------------------------------------------------------------------
