@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,28 +20,32 @@ from .core import (Config, check_choice, has_cuda, is_installed, optional_import
                          checkpoint_callback, check_model_source, claim_run_dir, finish_run,
                          latest_complete_checkpoint, run_finished, trim_jsonl)
 from .data import Problem, format_question, load_problem_source
-from .format import RL_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, make_messages
+from .format import RL_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, make_messages, read_prompt
 from .models import (PRECISIONS, cast_trainable, import_unsloth, load_policy, lora_config, precision_plan, resolve_model,
                      use_torch_logprobs,
                      trainable_parameter_names, use_unsloth_now, vision_token_ids)
 from .rewards import TRANSITIONS, VARIANTS, RewardConfig, make_reward_funcs, reward_weights
+from .sft import STAGE_MARKER, read_stage_marker, write_stage_marker
 
 # %% auto #0
-__all__ = ['SYSTEM_PROMPTS', 'LOSS_TYPES', 'REWARD_COMPONENTS', 'TRANSITION_COMPONENTS', 'PROGRESS_KEYS', 'GRPOTrainConfig',
-           'batch_plan', 'world_size', 'vllm_args', 'trl_args', 'grpo_row', 'prompt_length', 'grpo_dataset',
-           'load_grpo_problems', 'build_reward_funcs', 'online_filter', 'srpo_trainer_class', 'metrics_callback',
+__all__ = ['SYSTEM_PROMPTS', 'LOSS_TYPES', 'FILTER_SIGNALS', 'REWARD_COMPONENTS', 'TRANSITION_COMPONENTS', 'PROGRESS_KEYS',
+           'GRPOTrainConfig', 'batch_plan', 'world_size', 'vllm_args', 'trl_args', 'fit_image', 'image_tokens',
+           'grpo_row', 'prompt_length', 'grpo_dataset', 'load_grpo_problems', 'build_reward_funcs', 'filter_function',
+           'online_filter', 'take_rows', 'even_chunks', 'drop_scale', 'srpo_trainer_class', 'metrics_callback',
            'progress_callback', 'read_metrics', 'metric_series', 'plot_grpo_metrics', 'find_checkpoint', 'GRPOResult',
-           'train_grpo', 'run_grpo']
+           'reflection_sft_status', 'without_sft_message', 'train_grpo', 'run_grpo']
 
 # %% ../nbs/08_grpo.ipynb #94f1e094
 SYSTEM_PROMPTS = {"rl": RL_SYSTEM_PROMPT, "think_answer": THINK_ANSWER_PROMPT, "none": None}
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
+FILTER_SIGNALS = {"accuracy": "accuracy_norm", "final_correct": "final_correct", "first_correct": "first_correct"}  # filter_on -> reward component
 
 @dataclass
 class GRPOTrainConfig(Config):
     "SRPO Stage 2 (GRPO with the reflection-aware reward): paper defaults, a `tiny` CPU preset."
     # policy
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"  # policy folder or hub id (the paper starts from its SFT checkpoint); "tiny" = the local tiny model
+    from_reflection_sft: Optional[bool] = None  # None: read the SFT stage marker in the model folder; True: it went through reflection SFT elsewhere; False: the "w/o reflection SFT" ablation on purpose
     lora: Any = None                  # None = full fine-tune (paper); True or a dict of peft.LoraConfig arguments = LoRA
     freeze_vision: bool = True        # vision tower and projector frozen (paper)
     dtype: str = "auto"               # compute precision: "auto" (bf16 GPU: bfloat16, T4/V100: float16, CPU: float32), "bfloat16", "float16", "float32"; full fine-tuning keeps fp32 master weights (models.precision_plan)
@@ -53,14 +58,14 @@ class GRPOTrainConfig(Config):
     data: str = "TIGER-Lab/ViRL39K"   # hub id, a problems .parquet, "shipped" (data/problems) or "generated"
     data_split: str = "train"         # split of a hub dataset / of the shipped set
     max_problems: Optional[int] = None  # keep the first N problems (None = all; "generated" needs it)
-    system_prompt: str = "auto"       # "auto" (rl for the SRPO rewards, think_answer for grpo), "rl", "think_answer", "none"
+    system_prompt: str = "auto"       # "auto" (rl for the SRPO rewards, think_answer for grpo), "rl", "think_answer", "none", or a text file
     max_prompt_length: Optional[int] = 1024  # drop problems whose prompt (text + image tokens) is longer (VLM prompts are never truncated)
-    max_pixels: Optional[int] = None  # the image processor's pixel budget (None = the checkpoint's)
+    max_pixels: Optional[int] = 640 * 28 * 28  # pixels per image (released run: 640·28·28, at most 640 image tokens); images are resized to it when rows are built; None = the checkpoint's
     # reward
     reward: str = "paper"             # "paper" (Eqs. 4-8), "code" (released reward), "grpo" (plain baseline: accuracy + format)
     reward_config: dict = field(default_factory=dict)  # overrides of srpo_nb.rewards.RewardConfig (e.g. {"alpha": 0.05})
     online_filter: bool = True        # drop groups whose mean accuracy is outside [filter_low, filter_high] (paper)
-    filter_on: str = "final_correct"  # the 0/1 accuracy the filter averages: "final_correct" or "first_correct"
+    filter_on: str = "accuracy"       # what the filter averages: "accuracy" (the reward's accuracy term over its largest value, as the released trainer), or the 0/1 "final_correct" / "first_correct"
     filter_low: float = 0.1           # keep a group when filter_low <= mean accuracy <= filter_high
     filter_high: float = 0.9
     # GRPO
@@ -131,8 +136,8 @@ class GRPOTrainConfig(Config):
 
     def __post_init__(self):
         check_choice("reward", self.reward, VARIANTS)
-        check_choice("system_prompt", self.system_prompt, ["auto", *SYSTEM_PROMPTS])
-        check_choice("filter_on", self.filter_on, ["final_correct", "first_correct"])
+        if self.system_prompt not in ("auto", *SYSTEM_PROMPTS): read_prompt(self.system_prompt)  # a text file, or an error naming it
+        check_choice("filter_on", self.filter_on, FILTER_SIGNALS)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
         check_choice("scale_rewards", self.scale_rewards, ["group", "batch", "none"])
         check_choice("vllm_mode", self.vllm_mode, ["colocate", "server"])
@@ -148,7 +153,7 @@ class GRPOTrainConfig(Config):
     def prompt_text(self) -> Optional[str]:
         "The system prompt the policy is asked with."
         name = self.system_prompt if self.system_prompt != "auto" else ("think_answer" if self.reward == "grpo" else "rl")
-        return SYSTEM_PROMPTS[name]
+        return SYSTEM_PROMPTS[name] if name in SYSTEM_PROMPTS else read_prompt(name)
 
 # %% ../nbs/08_grpo.ipynb #d7ab5420
 def batch_plan(config: GRPOTrainConfig, world_size: int = 1) -> dict:
@@ -221,10 +226,29 @@ def trl_args(config: GRPOTrainConfig, n_processes: Optional[int] = None, reward_
     )
 
 # %% ../nbs/08_grpo.ipynb #1a8425e2
-def grpo_row(problem: Problem, system_prompt: Optional[str] = RL_SYSTEM_PROMPT) -> dict:
-    "One TRL GRPO row for `problem`: chat `prompt`, `images`, and the gold `answer`/`choices`/`id` for the reward."
-    return {"prompt": make_messages(format_question(problem), len(problem.images), system_prompt),
-            "images": list(problem.images), "answer": problem.answer, "choices": problem.choices, "id": problem.id}
+def fit_image(image, processor):
+    "`image` at the size the processor would give it (Qwen's smart_resize: sides multiples of patch × merge, area within its pixel budget)."
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    ip = getattr(processor, "image_processor", processor)
+    factor = ip.patch_size * ip.merge_size
+    size = ip.size or {}
+    lo = size.get("shortest_edge", getattr(ip, "min_pixels", None)); hi = size.get("longest_edge", getattr(ip, "max_pixels", None))
+    w, h = image.size
+    H, W = smart_resize(h, w, factor=factor, min_pixels=lo, max_pixels=hi)
+    return image if (W, H) == (w, h) else image.convert("RGB").resize((W, H), Image.Resampling.BICUBIC)
+
+def image_tokens(image, processor) -> int:
+    "Image tokens the policy reads for `image`: (H/28)·(W/28) for Qwen2.5-VL, after `fit_image`."
+    ip = getattr(processor, "image_processor", processor)
+    w, h = fit_image(image, processor).size
+    return (h // ip.patch_size) * (w // ip.patch_size) // ip.merge_size ** 2
+
+def grpo_row(problem: Problem, system_prompt: Optional[str] = RL_SYSTEM_PROMPT, processor=None) -> dict:
+    "One TRL GRPO row for `problem`: chat `prompt`, `images` (fitted to `processor`), and the gold `answer`/`choices`/`id`."
+    images = [fit_image(im, processor) for im in problem.images] if processor is not None else list(problem.images)
+    return {"prompt": make_messages(format_question(problem), len(images), system_prompt),
+            "images": images, "answer": problem.answer, "choices": problem.choices, "id": problem.id}
 
 # %% ../nbs/08_grpo.ipynb #fde7c9ed
 def prompt_length(processor, row: dict) -> int:
@@ -240,15 +264,19 @@ def grpo_dataset(problems: Sequence[Problem], system_prompt: Optional[str] = RL_
     if not problems: raise ValueError("no problems to train on")
     rows, lengths, dropped = [], [], []
     for p in problems:
-        r = grpo_row(p, system_prompt)
+        r = grpo_row(p, system_prompt, processor)
         if max_prompt_length is not None:
             if processor is None: raise ValueError("max_prompt_length needs the processor to count prompt tokens")
             n = prompt_length(processor, r); lengths.append(n)
             if n > max_prompt_length: dropped.append(p.id); continue
         rows.append(r)
     if not rows: raise ValueError(f"every one of the {len(problems)} prompts is longer than max_prompt_length={max_prompt_length}")
-    report = {"problems": len(problems), "kept": len(rows), "dropped_too_long": len(dropped), "dropped_ids": dropped[:20],
+    report = {"problems": len(problems), "kept": len(rows), "dropped_too_long": len(dropped), "dropped_ids": dropped,
               "max_prompt_tokens": max(lengths) if lengths else None}
+    if dropped and int(os.environ.get("RANK", "0")) == 0:
+        print(f"GRPO data: dropped {len(dropped)} of {len(problems)} problems whose prompt is longer than "
+              f"max_prompt_length={max_prompt_length} tokens: {', '.join(map(str, dropped[:10]))}"
+              f"{', …' if len(dropped) > 10 else ''} (every id in summary.json)", flush=True)
     return Dataset.from_list(rows), report
 
 # %% ../nbs/08_grpo.ipynb #d3b4afc2
@@ -258,10 +286,10 @@ def load_grpo_problems(config: GRPOTrainConfig) -> list[Problem]:
 
 # %% ../nbs/08_grpo.ipynb #d0bcacc1
 REWARD_COMPONENTS = {
-    "paper": ("total", "format", "accuracy", "effectiveness", "reflection", "length", "first_correct", "final_correct",
-              "w2r", "r2r", "r2w", "w2w"),
-    "code": ("total", "format", "accuracy", "length", "first_correct", "final_correct", "w2r", "r2r", "r2w", "w2w"),
-    "grpo": ("total", "format", "accuracy", "first_correct", "final_correct"),
+    "paper": ("total", "format", "accuracy", "accuracy_norm", "effectiveness", "reflection", "length", "first_correct",
+              "final_correct", "w2r", "r2r", "r2w", "w2w"),
+    "code": ("total", "format", "accuracy", "accuracy_norm", "length", "first_correct", "final_correct", "w2r", "r2r", "r2w", "w2w"),
+    "grpo": ("total", "format", "accuracy", "accuracy_norm", "first_correct", "final_correct"),
 }
 TRANSITION_COMPONENTS = {"w2r": "W->R", "r2r": "R->R", "r2w": "R->W", "w2w": "W->W"}
 
@@ -272,6 +300,11 @@ def build_reward_funcs(config: GRPOTrainConfig, tokenizer=None) -> tuple[list, l
     funcs = make_reward_funcs(config.reward, components=REWARD_COMPONENTS[config.reward], tokenizer=tokenizer, config=rc,
                               log_transitions=False)
     return funcs, reward_weights(funcs)
+
+def filter_function(config: GRPOTrainConfig, funcs: Sequence):
+    "The reward function whose group mean the online filter reads (`config.filter_on`), or None when there is none."
+    component = FILTER_SIGNALS[config.filter_on]
+    return next((f for f in funcs if getattr(f, "component", None) == component or getattr(f, "__name__", None) == config.filter_on), None)
 
 # %% ../nbs/08_grpo.ipynb #30b26768
 def online_filter(accuracy, G: int, low: float = 0.1, high: float = 0.9, tol: float = 1e-6):
@@ -287,11 +320,39 @@ def online_filter(accuracy, G: int, low: float = 0.1, high: float = 0.9, tol: fl
     return keep_group.repeat_interleave(G), counts
 
 # %% ../nbs/08_grpo.ipynb #d4de182d
+def take_rows(batch: dict, idx: Sequence[int]) -> dict:
+    "Rows `idx` of a rollout whose images are split per row: tensors indexed, lists picked, 0-d tensors kept."
+    import torch
+    n = len(batch["completion_ids"])
+    t = torch.as_tensor(list(idx), dtype=torch.long)
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, (torch.Tensor, list)) and not (isinstance(v, torch.Tensor) and v.ndim == 0):
+            if len(v) != n: raise ValueError(f"rollout entry {k!r} has {len(v)} rows, the rollout {n}: cannot take rows from it")
+            out[k] = v[t.to(v.device)] if isinstance(v, torch.Tensor) else [v[i] for i in idx]
+        else: out[k] = v
+    return out
+
+def even_chunks(n: int, k: int) -> list[int]:
+    "Sizes of `k` consecutive chunks of `n` rows, as even as possible (the first `n % k` are one row longer)."
+    return [n // k + (i < n % k) for i in range(k)]
+
+def drop_scale(loss_type: str, rows: int, tokens, window_sequences, window_tokens, grad_accum: int, world: int):
+    "The factor turning TRL's loss on one micro-batch into its share of the loss of the step's kept rows taken as one batch."
+    check_choice("loss_type", loss_type, LOSS_TYPES)
+    if loss_type == "dapo": return 1.0   # its normaliser is already the kept tokens of the rollout
+    n = window_tokens if loss_type == "bnpo" else window_sequences
+    if float(n) == 0: return 0.0         # every row of the step was dropped: no gradient
+    own = tokens.clamp(min=1.0) if loss_type == "bnpo" else rows
+    return own * grad_accum * world / n
+
 @cache
 def srpo_trainer_class():
     "`SRPOGRPOTrainer`: TRL's GRPOTrainer with the online accuracy filter and per-step transition counts (built lazily)."
     import torch
     from trl import GRPOTrainer
+    from trl.trainer.utils import (shuffle_sequence_dict, split_pixel_values_by_grid, split_tensor_dict,
+                                   unsplit_pixel_values_by_grid)
 
     class SRPOGRPOTrainer(GRPOTrainer):
         "GRPOTrainer + SRPO's online accuracy filter (drops groups) + W→R/R→W transition counts per step."
@@ -303,7 +364,7 @@ def srpo_trainer_class():
             self.filter_reward, self.filter_low, self.filter_high = filter_reward, filter_low, filter_high
             self.filter_totals = Counter()
             self.transition_totals = Counter()
-            self._keep = None
+            self._keep = self._local_keep = None
 
         def _columns(self, component: str) -> Optional[int]:
             for i, f in enumerate(self.reward_funcs):
@@ -335,14 +396,56 @@ def srpo_trainer_class():
         def _generate_and_score_completions(self, inputs):
             out = super()._generate_and_score_completions(inputs)
             keep, self._keep = self._keep, None
-            if keep is None or bool(keep.all()): return out
-            n = len(inputs)
-            local = keep[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n].to(out["advantages"].device)
-            out["advantages"] = out["advantages"] * local
-            out["completion_mask"] = out["completion_mask"] * local.unsqueeze(1).to(out["completion_mask"].dtype)
-            loss_mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-            out["num_items_in_batch"] = self.accelerator.gather(loss_mask.sum()).sum()
+            self._local_keep = None
+            if keep is not None and not bool(keep.all()):   # this process's slice of the mask (rows leave in _prepare_inputs)
+                n = len(inputs)
+                self._local_keep = keep[self.accelerator.process_index * n:(self.accelerator.process_index + 1) * n]
             return out
+
+        def _prepare_inputs(self, generation_batch):
+            "TRL's _prepare_inputs, with the dropped groups' rows taken out before the rollout is cut into micro-batches."
+            if not self.model.training: return super()._prepare_inputs(generation_batch)
+            S = self.args.steps_per_generation
+            if self._step % (S * self.num_iterations) == 0 or self._buffered_inputs is None:
+                batch = split_pixel_values_by_grid(self._generate_and_score_completions(generation_batch))
+                keep, self._local_keep = self._local_keep, None
+                chunks = split_tensor_dict(shuffle_sequence_dict(batch), S) if keep is None else self._drop_groups(batch, keep, S)
+                self._buffered_inputs = [unsplit_pixel_values_by_grid(c) for c in chunks]
+            return self._buffered_inputs[self._step % S]
+
+        def _drop_groups(self, batch, keep, S):
+            "The kept rows, shuffled, in S micro-batches of equal width on every process, with each window's kept counts."
+            GA = self.args.gradient_accumulation_steps
+            if S % GA: raise ValueError(f"steps_per_generation={S} is not a multiple of gradient_accumulation_steps={GA}")
+            device = batch["completion_mask"].device
+            kept = [i for i, k in enumerate(keep.tolist()) if k]
+            kept = [kept[j] for j in torch.randperm(len(kept)).tolist()]   # shuffled, as TRL shuffles the rollout
+            n_kept = self.accelerator.gather(torch.tensor([len(kept)], device=device)).tolist()
+            sizes = [even_chunks(k, S) for k in n_kept]
+            width = [max(1, max(s[j] for s in sizes)) for j in range(S)]   # TRL gathers per-row metrics: same rows everywhere
+            mine = sizes[self.accelerator.process_index]
+            chunks, counts, pos = [], [], 0
+            for j in range(S):
+                c = take_rows(batch, kept[pos:pos + mine[j]] + [0] * (width[j] - mine[j])); pos += mine[j]
+                c["completion_mask"][mine[j]:] = 0   # padding rows: weight 0
+                c["advantages"][mine[j]:] = 0
+                mask = c["completion_mask"] * c["tool_mask"] if "tool_mask" in c else c["completion_mask"]
+                counts.append([float(mine[j]), float(mask.sum())])
+                chunks.append(c)
+            local = torch.tensor(counts, device=device).view(S // GA, GA, 2).sum(1)   # per optimizer step: kept sequences, tokens
+            world = self.accelerator.gather(local.unsqueeze(0)).view(-1, S // GA, 2).sum(0)
+            for j, c in enumerate(chunks):
+                c["num_items_in_batch"] = world[:, 1].sum()   # dapo's normaliser: the kept tokens of the rollout
+                c["window_sequences"], c["window_tokens"] = world[j // GA, 0], world[j // GA, 1]
+            return chunks
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if "window_sequences" not in inputs: return loss   # nothing dropped in this rollout: TRL's loss as it is
+            mask = inputs["completion_mask"] * inputs["tool_mask"] if "tool_mask" in inputs else inputs["completion_mask"]
+            return loss * drop_scale(self.loss_type, len(inputs["completion_ids"]), mask.sum(), inputs["window_sequences"],
+                                     inputs["window_tokens"], self.current_gradient_accumulation_steps,
+                                     self.accelerator.num_processes)
 
     return SRPOGRPOTrainer
 
@@ -452,6 +555,22 @@ class GRPOResult:
     plots: dict                   # name -> PNG path
     trainer: Any = field(default=None, repr=False)
 
+# %% ../nbs/08_grpo.ipynb #7c3e5d11
+def reflection_sft_status(config: GRPOTrainConfig, model_name: Optional[str] = None) -> dict:
+    "Whether the run starts from a reflection-SFT policy (stage marker or `from_reflection_sft`), and the ablation it is if not."
+    marker = read_stage_marker(model_name or resolve_model(config.model))
+    done = (config.from_reflection_sft if config.from_reflection_sft is not None
+            else bool(marker and "reflection_sft" in marker.get("stages", [])))
+    return {"from_reflection_sft": done, "marker": marker,
+            "ablation": "w/o reflection SFT" if not done and config.reward != "grpo" else None}
+
+def without_sft_message(model: str) -> str:
+    "What a GRPO run from a policy without reflection SFT says."
+    return (f"GRPO starts from {model}, which did not go through reflection SFT (no 'reflection_sft' in a {STAGE_MARKER} "
+            f"in it): this run is the paper's \"w/o reflection SFT\" ablation (7B average 51.2, against 53.5 for full SRPO). "
+            f"For full SRPO start from the output of `srpo sft` (<output_dir>/final); if this policy did go through "
+            f"reflection SFT elsewhere, set from_reflection_sft=True.")
+
 # %% ../nbs/08_grpo.ipynb #79be02e4
 def _finished_result(out: Path, marker: dict) -> GRPOResult:
     "The result of a run that already finished: nothing is trained or rewritten."
@@ -485,6 +604,8 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
     if rank0: config.save(out / "config.yaml")
     ckpt = find_checkpoint(config)
     model_name = resolve_model(config.model)
+    sft_status = reflection_sft_status(config, model_name)
+    if rank0 and sft_status["ablation"]: warnings.warn(without_sft_message(config.model), stacklevel=2)
     full_resume = ckpt is not None and config.lora is None
     proc_kwargs = {"max_pixels": config.max_pixels} if config.max_pixels else {}
     # the training arguments first: they set up the distributed state (and ZeRO-3's partitioned loading)
@@ -506,13 +627,11 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
     if not config.use_vllm:  # the vision placeholders are input-only: a sampled one would break the next forward
         args.generation_kwargs = {**(args.generation_kwargs or {}), "suppress_tokens": vision_token_ids(processor)}
     if full_resume: model.config._name_or_path = model_name  # a β > 0 reference model is the initial policy
-    if reward_funcs is None:
-        reward_funcs, _ = build_reward_funcs(config, processor.tokenizer)
-        filter_reward = next((f.__name__ for f in reward_funcs if getattr(f, "component", None) == config.filter_on), None)
-    else:
-        filter_reward = config.filter_on if any(getattr(f, "__name__", "") == config.filter_on for f in reward_funcs) else None
+    if reward_funcs is None: reward_funcs, _ = build_reward_funcs(config, processor.tokenizer)
+    filter_reward = getattr(filter_function(config, reward_funcs), "__name__", None)
     if config.online_filter and filter_reward is None:
-        raise ValueError(f"online_filter=True needs a reward function named {config.filter_on!r} (or set online_filter=False)")
+        raise ValueError(f"online_filter=True needs a reward function for filter_on={config.filter_on!r} (component "
+                         f"{FILTER_SIGNALS[config.filter_on]!r}, or a function of that name), or online_filter=False")
     report = {}
     if train_dataset is None:
         train_dataset, report = grpo_dataset(load_grpo_problems(config), config.prompt_text(), processor,
@@ -546,6 +665,7 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
     trainer.save_model(str(partial))  # written aside, then renamed: final/ is complete or absent
     if trainer.is_world_process_zero():
         processor.save_pretrained(partial)
+        write_stage_marker(partial, "grpo", model_name, reward=config.reward)
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         if final.exists(): shutil.rmtree(final)
@@ -556,6 +676,7 @@ def train_grpo(config: GRPOTrainConfig, reward_funcs: Optional[list] = None, tra
         plots = plot_grpo_metrics(metrics, out / "plots")
         summary = {"global_step": trainer.state.global_step, "filter_totals": dict(trainer.filter_totals),
                    "transition_totals": dict(trainer.transition_totals), "dataset": report,
+                   "from_reflection_sft": sft_status["from_reflection_sft"], "ablation": sft_status["ablation"],
                    "world_size": trainer.accelerator.num_processes, "resumed_from": ckpt,
                    "trainable_parameters": len(trainable_parameter_names(model))}
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
