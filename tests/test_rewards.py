@@ -1,4 +1,4 @@
-"""srpo_nb.rewards tested to destruction: SRPO.md's case totals, both variants' rules, the answer checker, reward
+"""srpo_nb.rewards (and the checker in srpo_nb.answers) tested to destruction: the paper's and the code's case totals, both variants' rules, the answer checker, reward
 hacking probes, bounded time, threads, TRL compatibility, and hypothesis fuzzing (CI-sized; the 100k run is slow)."""
 import math
 import os
@@ -10,11 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from srpo_nb import answers as ANS  # the checker lives there; rewards re-exports its names
 from srpo_nb import rewards as R
 from srpo_nb.rewards import (RewardConfig, check_answer, code_format_ok, f_len, grade_answer, make_reward_funcs,
                              reward_bounds, reward_weights, srpo_reward, transition_counts)
 
-ZERO = lambda s: 0   # f_len = 0: totals are exactly SRPO.md's "before 0.1 f_len" numbers
+ZERO = lambda s: 0   # f_len = 0: totals are exactly the case totals before the 0.1·f_len term
 
 
 def five(a1, a2, think="Count: 2 + 3.", refl="Check the sum.", think2=None, sep="\n"):
@@ -23,11 +24,11 @@ def five(a1, a2, think="Count: 2 + 3.", refl="Check the sum.", think2=None, sep=
 
 
 CASES = {"R->R": five(5, 5), "W->R": five(6, 5), "R->W": five(5, 6), "W->W": five(6, 7)}
-PAPER = {"R->R": 1.5, "W->R": 1.25, "R->W": 1.0, "W->W": 0.75}   # SRPO.md, "as the paper writes it"
-CODE = {"W->R": 1.5, "R->R": 1.25, "R->W": 0.75, "W->W": 0.5}    # SRPO.md, "as the released code computes it"
+PAPER = {"R->R": 1.5, "W->R": 1.25, "R->W": 1.0, "W->W": 0.75}   # Eqs. 4-7 of the paper (nbs/00b_method.ipynb)
+CODE = {"W->R": 1.5, "R->R": 1.25, "R->W": 0.75, "W->W": 0.5}    # the released code's reward (nbs/00b_method.ipynb)
 
 
-# ---------------------------------------------------------------- SRPO.md's tables
+# ---------------------------------------------------------------- the method's tables
 @pytest.mark.parametrize("variant,table", [("paper", PAPER), ("code", CODE)])
 @pytest.mark.parametrize("case", list(CASES))
 def test_case_totals_before_length(variant, table, case):
@@ -371,7 +372,7 @@ def test_worker_survives_being_killed():
 
 
 def test_worker_reports_a_missing_math_verify(monkeypatch):
-    monkeypatch.setattr(R, "_WORKER_SRC", "import sys; sys.stdout.write('error ModuleNotFoundError\\n'); sys.stdout.flush()")
+    monkeypatch.setattr(ANS, "_WORKER_SRC", "import sys; sys.stdout.write('error ModuleNotFoundError\\n'); sys.stdout.flush()")
     w = R.MathVerifyWorker()
     with pytest.raises(RuntimeError, match="math-verify worker did not start.*pip install math-verify"):
         w.check("1", "1")
