@@ -30,7 +30,7 @@ def short_prompts(n=8):
 
 
 def share_e(completions, **kwargs):
-    "Share of the letter 'e' in the completion: a reward a random tiny model can learn (STACK.md)."
+    "Share of the letter 'e' in the completion: a reward a random tiny model can learn (measured: it rises within a few hundred steps)."
     return [c[0]["content"].count("e") / max(1, len(c[0]["content"])) for c in completions]
 
 

@@ -144,7 +144,7 @@ def test_full_resume_matches_uninterrupted_run(tiny, rows, tmp_path):
     assert latest_checkpoint(cut.output_dir).name == "checkpoint-6"
     assert not state_dict_equal(cut.model, whole.model)
     assert resumed.global_step == whole.global_step == 6
-    assert state_dict_equal(resumed.model, whole.model)  # the weights, not only the step count (STACK.md's trap)
+    assert state_dict_equal(resumed.model, whole.model)  # the weights, not only the step count (the resume trap, notebook 06)
     assert resumed.losses == whole.losses  # the log history, restored and continued, matches step for step
     assert state_dict_equal(load_policy(resumed.final_model_dir, device="cpu", use_unsloth=False)[0], whole.model)
 
