@@ -30,7 +30,7 @@ def short_prompts(n=8):
 
 
 def share_e(completions, **kwargs):
-    "Share of the letter 'e' in the completion: a reward a random tiny model can learn (measured: it rises within a few hundred steps)."
+    "Share of the letter 'e' in the completion: a reward a random tiny model can learn (measured: 0.09 to 0.5-1.0 in about 60 steps at lr 1e-3, flat at lr 0)."
     return [c[0]["content"].count("e") / max(1, len(c[0]["content"])) for c in completions]
 
 
