@@ -322,8 +322,7 @@ def test_demo_keeps_the_users_files(tmp_path, monkeypatch):
     import srpo_nb.demo as demo
     class Stop(Exception): pass
     def stop(*a, **k): raise Stop()
-    monkeypatch.setattr(demo, "ask_policy", stop)            # stop each demo right after it prepared its folder
-    monkeypatch.setattr(demo, "tiny_model_path", lambda seed=0: tmp_path / "model")
+    monkeypatch.setattr(demo, "tiny_model_path", stop)       # stop each demo right after it prepared its folder
     run = tmp_path / "demo"
     with pytest.raises(Stop): demo.run_demo(out_dir=str(run), verbose=False)
     (run / "sft").mkdir(); (run / "sft" / "config.yaml").write_text("x")   # the first demo's own output
