@@ -233,6 +233,9 @@ PROMPT_INSTRUCTIONS = {
             "answer inside <answer>": r"<answer>", "nothing but the answer in <answer>": r"answer\s+alone|no explanation",
             "an option letter for multiple choice": r"option letter", "a number otherwise": r"a number",
             "both blocks required": r"both blocks"},
+    "teacher": {"the gold answer is given": r"correct answer", "logical errors": r"logical", "missing assumptions": r"assumption",
+                "what could be clearer": r"clear", "how to improve": r"how to (?:reach|improve|fix|do better)",
+                "a JSON object with a reflection field": r"JSON[^.]{0,60}reflection"},
 }
 
 def missing_instructions(text: str, kind: str) -> list[str]:

@@ -7,9 +7,11 @@ from srpo_nb import format as F   # names are looked up inside each test, so eac
 
 
 # ---------------------------------------------------------------- prompts (App. B.4 and the released scripts)
-@pytest.mark.parametrize("kind", ["rl", "sft", "cot"])
+@pytest.mark.parametrize("kind", ["rl", "sft", "cot", "teacher"])
 def test_prompts_carry_every_instruction(kind):
-    assert F.missing_instructions(F.PROMPTS[kind], kind) == []
+    from srpo_nb.reflection_data import REFLECTION_PROMPT
+    text = REFLECTION_PROMPT if kind == "teacher" else F.PROMPTS[kind]
+    assert F.missing_instructions(text, kind) == []
 
 
 def test_rl_prompt_latex_and_worked_example():
