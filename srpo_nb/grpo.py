@@ -558,7 +558,8 @@ class GRPOResult:
 # %% ../nbs/08_grpo.ipynb #7c3e5d11
 def reflection_sft_status(config: GRPOTrainConfig, model_name: Optional[str] = None) -> dict:
     "Whether the run starts from a reflection-SFT policy (stage marker or `from_reflection_sft`), and the ablation it is if not."
-    marker = read_stage_marker(model_name or resolve_model(config.model))
+    from srpo_nb.models import tiny_model_path
+    marker = read_stage_marker(model_name or (tiny_model_path() if config.model == "tiny" else config.model))
     done = (config.from_reflection_sft if config.from_reflection_sft is not None
             else bool(marker and "reflection_sft" in marker.get("stages", [])))
     return {"from_reflection_sft": done, "marker": marker,

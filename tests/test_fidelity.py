@@ -91,6 +91,8 @@ def test_ablation_config_loads_as_the_cli_loads_it(path):
     from_sft = cfg.model == "runs/ablations/reflection_sft/final"
     assert from_sft == (path.stem not in ("grpo_baseline", "no_reflection_sft"))
     assert (cfg.reward, cfg.system_prompt) == (("grpo", "think_answer") if path.stem == "grpo_baseline" else ("paper", "auto"))
+    from srpo_nb.grpo import reflection_sft_status
+    if path.stem == "no_reflection_sft": assert reflection_sft_status(cfg)["ablation"] == "w/o reflection SFT"
 
 
 # ---------------------------------------------------------------- stage 1a: the answerable filter
