@@ -170,6 +170,9 @@ def test_grpo_image_budget_and_dropped_problems_named(capsys):
     assert img.size == (812, 588) and image_tokens(img, proc) == 29 * 21 <= 640   # smart_resize: sides multiples of 28
     enc = proc(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[img], return_tensors="pt")
     assert int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == 609  # the processor agrees
+    wide = build_tiny_processor(build_qwen_tokenizer(), max_pixels=12_845_056)   # a backend left at the checkpoint's budget
+    enc = wide(text=["<|vision_start|><|image_pad|><|vision_end|>"], images=[img], return_tensors="pt")
+    assert int((enc["input_ids"] == wide.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum()) == 609   # resizes no further
     problems = shipped_problems("train")[:16]
     _, rep = grpo_dataset(problems, F.RL_SYSTEM_PROMPT, proc, max_prompt_length=1024)
     _, rep2 = grpo_dataset(problems, F.RL_SYSTEM_PROMPT, proc, max_prompt_length=rep["max_prompt_tokens"] - 1)
