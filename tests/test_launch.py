@@ -91,6 +91,65 @@ def test_accelerate_takes_the_generated_launch_lines(name, tmp_path, monkeypatch
         assert plugin.zero3_init_flag == (zero["stage"] == 3)
 
 
+def test_job_sbatch_runs_one_launch_per_node(tmp_path):
+    "job.sbatch under stand-ins for SLURM's srun/scontrol: each node's launch.sh gets its rank and the first host."
+    scripts, fake, log = tmp_path / "scripts", tmp_path / "bin", tmp_path / "calls.log"
+    write_launch("32b-full-32gpu", scripts)
+    fake.mkdir()
+    stubs = {
+        "scontrol": f'''[ "$2" = hostnames ] && printf 'gpu-a\\ngpu-b\\ngpu-c\\ngpu-d\\n' || echo "   Command={scripts}/job.sbatch all"''',
+        # srun --nodes=N ... CMD: run CMD once per node with SLURM_NODEID set, as SLURM does on each node
+        "srun": '''n=1; while [ "${1#--}" != "$1" ]; do case "$1" in --nodes=*) n="${1#--nodes=}";; esac; shift; done
+for i in $(seq 0 $((n - 1))); do SLURM_NODEID=$i "$@" || exit 1; done''',
+        "accelerate": f'echo "accelerate $*" >> {log}',
+        "srpo": f'echo "srpo $* node=${{SLURM_NODEID:-?}}" >> {log}',
+    }
+    for name, body in stubs.items():
+        (fake / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
+        (fake / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="gpu-[a-d]")
+    env.pop("SRPO_LAUNCH_DIR", None)
+    r = subprocess.run(["bash", str(scripts / "job.sbatch"), "all"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    reflect = [c for c in calls if c.startswith("srpo data reflect")]
+    evals = [c for c in calls if c.startswith("srpo eval")]
+    assert len(reflect) == 1 and len(evals) == 1        # one process for Stage 1a and for eval
+    for stage in ("sft", "grpo"):
+        runs = [c for c in calls if c.startswith("accelerate") and f" srpo {stage} " in c]
+        assert [c.split("--machine_rank ")[1].split()[0] for c in runs] == ["0", "1", "2", "3"], runs
+        assert all("--main_process_ip gpu-a" in c and "--main_process_port 29500" in c for c in runs)
+        assert all(f"--config_file {scripts}/accelerate_{stage}.yaml" in c for c in runs)
+
+
+def test_vllm_server_split(tmp_path):
+    "7b-full-8gpu's GRPO: `trl vllm-serve` on GPUs 4-7, training on 0-3, the server waited for and stopped afterwards."
+    scripts, fake, log = tmp_path / "scripts", tmp_path / "bin", tmp_path / "calls.log"
+    write_launch("7b-full-8gpu", scripts)
+    fake.mkdir()
+    stubs = {
+        "trl": f'echo "trl $* gpus=$CUDA_VISIBLE_DEVICES" >> {log}; trap "echo server-stopped >> {log}; exit 0" TERM; '
+               'while true; do sleep 0.1; done',
+        "curl": f'echo "curl $*" >> {log}',   # the health check answers at once
+        "accelerate": f'echo "accelerate $* gpus=$CUDA_VISIBLE_DEVICES" >> {log}',
+    }
+    for name, body in stubs.items():
+        (fake / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
+        (fake / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    r = subprocess.run(["bash", str(scripts / "launch.sh"), "grpo"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines()
+    serve = next(c for c in calls if c.startswith("trl vllm-serve"))
+    assert "--model runs/7b-full-8gpu/sft/final" in serve and "--data_parallel_size 4" in serve and serve.endswith("gpus=4,5,6,7")
+    assert "--max_model_len 3072" in serve                       # prompt 1024 + completion 2048
+    train = next(c for c in calls if c.startswith("accelerate"))
+    assert " srpo grpo --config " in train and train.endswith("gpus=0,1,2,3")
+    assert calls.index(next(c for c in calls if c.startswith("curl"))) < calls.index(train)   # waited for the server
+    assert calls[-1] == "server-stopped"                       # and stopped it after training
+
+
 def test_committed_scripts_are_fresh():
     assert check_scripts(REPO / "scripts") == []
 
