@@ -5,31 +5,50 @@
 # %% ../nbs/11_cli.ipynb #8fbf685f
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
 from fastcore.script import anno_parser, call_parse, store_true
 
 # %% auto #0
-__all__ = ['SUBCOMMANDS', 'USER_ERRORS', 'demo', 'data_generate', 'data_reflect', 'serve', 'sft', 'grpo', 'evaluate', 'launch',
-           'plan', 'merge', 'run_subcommand', 'main']
+__all__ = ['SUBCOMMANDS', 'USER_ERRORS', 'quiet_dependencies', 'demo', 'data_generate', 'data_reflect', 'serve', 'sft', 'grpo',
+           'evaluate', 'launch', 'plan', 'merge', 'run_subcommand', 'main']
 
 # %% ../nbs/11_cli.ipynb #38222ccd
+def quiet_dependencies() -> None:
+    "Silence the dependencies' known console noise (progress bars of weight loading and dataset building, info-level notices): for CLI commands only."
+    import logging, warnings
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import datasets, transformers
+    transformers.utils.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.set_verbosity_error(); datasets.disable_progress_bars()
+    for name in ("accelerate", "trl", "torch"): logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|trl|accelerate|datasets)\.")
+
 @call_parse
 def demo(seed: int = 0,              # seed for the tiny model, the problems, sampling and training
          out_dir: str = "runs/demo",  # the run folder (an earlier demo's outputs in it are replaced; nothing else is touched)
-         sft_steps: int = 40,         # reflection cold-start SFT steps
-         grpo_steps: int = 8,         # GRPO steps
-         max_new_tokens: int = 96,    # tokens the policy may write when it answers
-         temperature: float = 1.0,    # sampling temperature of those answers (0 = greedy)
+         sft_steps: int = 100,        # reflection cold-start SFT steps
+         grpo_steps: int = 120,       # GRPO steps
+         max_new_tokens: int = 96,    # tokens the policy may write per answer (GRPO and eval)
+         temperature: float = 1.0,    # sampling temperature (GRPO and eval)
+         n_heldout: int = 64,         # held-out questions each policy is scored on
          model: str = None,           # the starting policy (folder or hub id); default: the tiny model, built on first use
+         teacher_url: str = None,     # an OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1) for real reflections; default: the offline template
+         teacher_model: str = "o4-mini",  # the teacher's model name on that endpoint
+         api_key_env: str = "OPENAI_API_KEY",  # NAME of the environment variable holding the teacher's key
+         verbose: store_true = False,  # keep the dependencies' own console output (progress bars, notices)
         ):
-    "Run the SRPO chain on a CPU: answer, reflection data, SFT, GRPO, answer again — each stage on its tiny preset."
+    "Run the SRPO chain on a CPU: reflection data, SFT, GRPO, then eval of base/SFT/SRPO policies and a report."
     from srpo_nb.core import check_model_source
-    from srpo_nb.demo import run_demo
+    from srpo_nb.demo import DemoConfig, run_demo
     if model is not None: check_model_source(model)
-    run_demo(seed=seed, out_dir=out_dir, sft_steps=sft_steps, grpo_steps=grpo_steps, max_new_tokens=max_new_tokens,
-             temperature=temperature, model_path=model)
+    if not verbose: quiet_dependencies()
+    run_demo(DemoConfig(seed=seed, out_dir=out_dir, sft_steps=sft_steps, grpo_steps=grpo_steps, max_new_tokens=max_new_tokens,
+                        temperature=temperature, n_heldout=n_heldout, model=model, teacher_url=teacher_url,
+                        teacher_model=teacher_model, api_key_env=api_key_env))
 
 # %% ../nbs/11_cli.ipynb #09b6c566
 @call_parse

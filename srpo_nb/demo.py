@@ -5,25 +5,93 @@
 # %% ../nbs/10a_demo.ipynb #118fdd99
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
 import os
+import random
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, ClassVar, Optional
 
-from .core import seed_everything
-from .data import format_question, generate_problems
-from .format import RL_SYSTEM_PROMPT, extract_boxed, make_messages, parse_completion
+from .core import Config, check_choice, seed_everything
+from .data import LETTERS, FAMILIES, format_question, iter_problems, save_problems
+from .format import SFT_SYSTEM_PROMPT, extract_boxed, make_messages, parse_completion
 from .models import HFGenerator, load_policy, tiny_model_path
 
 # %% auto #0
-__all__ = ['DEMO_OUTPUTS', 'DEMO_MARKER', 'ask_policy', 'print_answer', 'prepare_demo_dir', 'run_demo']
+__all__ = ['DEMO_OUTPUTS', 'DEMO_MARKER', 'BLOCK_NAMES', 'CAN_AND_CANNOT', 'DemoConfig', 'demo_problems', 'ask_policy',
+           'print_answer', 'score_predictions', 'prepare_demo_dir', 'grpo_summary', 'mark_blocks',
+           'demo_report_markdown', 'demo_report_html', 'write_demo_report', 'run_demo']
 
-# %% ../nbs/10a_demo.ipynb #f477a0ca
-def ask_policy(model_path, problem, seed: int = 0, max_new_tokens: int = 96, temperature: float = 1.0) -> dict:
-    "Ask `problem` to the policy at `model_path` in SRPO's format; the completion and its parse."
+# %% ../nbs/10a_demo.ipynb #a1aed0e1
+@dataclass
+class DemoConfig(Config):
+    "`srpo demo`'s settings: sized so that each stage moves the tiny model measurably on a 2-core CPU."
+    seed: int = 0                         # the tiny model, the problems, sampling and training
+    out_dir: str = "runs/demo"            # the run folder (an earlier demo's outputs in it are replaced; nothing else is touched)
+    model: Optional[str] = None           # the starting policy (folder or hub id); None = the tiny Qwen2.5-VL built for `seed`
+    # problems
+    families: str = "clock,fraction,bar_chart"  # generator families with multiple-choice questions
+    options: int = 2                      # options kept per question (the gold and a distractor): chance = 1/options
+    n_train: int = 64                     # problems for Stage 1a and GRPO
+    n_heldout: int = 64                   # held-out problems the three policies are scored on
+    # Stage 1a
+    reflection_rows: int = 32             # SFT rows (policy attempts + reflections)
+    attempt_tokens: int = 8               # tokens of the policy's first attempt in each row
+    teacher_url: Optional[str] = None     # an OpenAI-compatible endpoint for real reflections; None = the short template (not a model)
+    teacher_model: str = "o4-mini"        # the teacher's model name on that endpoint
+    api_key_env: Optional[str] = "OPENAI_API_KEY"  # NAME of the variable holding its key
+    # Stage 1b
+    sft_steps: int = 100                  # SFT optimizer steps (8 rows each)
+    sft_lr: float = 1e-2                  # a random 200k-parameter model needs a large step
+    # Stage 2
+    grpo_steps: int = 120                 # GRPO optimizer steps
+    grpo_lr: float = 3e-4                 # constant; 1e-3 breaks the format within ~20 steps, 1e-4 moves too little in 100
+    num_generations: int = 8              # G
+    prompts_per_step: int = 2             # prompts per GRPO step (G responses each)
+    max_new_tokens: int = 96              # completion budget in GRPO and eval (the SFT targets are ~75 tokens)
+    temperature: float = 1.0              # sampling temperature in GRPO and eval
+    top_k: int = 50                       # sampling cutoff in GRPO (= transformers' generate default, which eval uses)
+    verbose: bool = True                  # one line per stage step and a summary per stage
+
+    ranges: ClassVar[dict] = dict(options=(2, 4), n_train=(2, None), n_heldout=(1, None), reflection_rows=(1, None),
+                                  attempt_tokens=(1, None), sft_steps=(1, None), sft_lr=(0, None), grpo_steps=(1, None),
+                                  grpo_lr=(0, None), num_generations=(2, None), prompts_per_step=(1, None),
+                                  max_new_tokens=(1, None), temperature=(0.01, None), top_k=(0, None))
+
+    def __post_init__(self):
+        for f in self.family_list(): check_choice("families", f, FAMILIES)
+        if self.reflection_rows > self.n_train:
+            raise ValueError(f"reflection_rows={self.reflection_rows} is more than n_train={self.n_train}")
+
+    def family_list(self) -> list[str]:
+        "The families, as a list."
+        return [f.strip() for f in self.families.split(",") if f.strip()]
+
+# %% ../nbs/10a_demo.ipynb #aa856d49
+def demo_problems(n: int, seed: int = 0, split: str = "train", families=("clock", "fraction", "bar_chart"),
+                  options: int = 2) -> list:
+    "`n` generated multiple-choice problems cut to `options` options (the gold among them, order shuffled)."
+    rng, out = random.Random(f"demo-{split}-{seed}"), []
+    for p in iter_problems(seed=f"demo-{split}-{seed}", families=list(families)):
+        if p.answer_type != "choice" or len(p.choices) < options: continue
+        gold = p.gold_text
+        kept = [gold] + rng.sample([c for c in p.choices if c != gold], options - 1)
+        rng.shuffle(kept)
+        out.append(dataclasses.replace(p, id=f"demo-{split}-{p.id}", choices=kept, answer=LETTERS[kept.index(gold)],
+                                       metadata={**p.metadata, "options_kept": options}))
+        if len(out) == n: return out
+    return out
+
+# %% ../nbs/10a_demo.ipynb #d7ccdebf
+def ask_policy(model_path, problem, seed: int = 0, max_new_tokens: int = 96, temperature: float = 1.0,
+               system_prompt: Optional[str] = SFT_SYSTEM_PROMPT) -> dict:
+    "Ask `problem` to the policy at `model_path`; the completion and its parse in SRPO's five-block format."
     model, processor = load_policy(model_path, device="cpu", use_unsloth=False)
-    prompt = {"messages": make_messages(format_question(problem), len(problem.images), RL_SYSTEM_PROMPT),
+    prompt = {"messages": make_messages(format_question(problem), len(problem.images), system_prompt),
               "images": problem.images}
     completion = HFGenerator(model, processor).generate([prompt], max_new_tokens=max_new_tokens,
                                                          temperature=temperature, seed=seed)[0][0]
@@ -34,16 +102,28 @@ def ask_policy(model_path, problem, seed: int = 0, max_new_tokens: int = 96, tem
                 final_boxed=extract_boxed(parsed.final_answer))
 
 def print_answer(rec: dict, title: str) -> None:
-    "Print an `ask_policy` record: the completion, its five slots and its format problems."
-    print(f"\n== {title}\npolicy     : {rec['model']}\nquestion   : {rec['question']}\ngold       : {rec['gold']}")
-    print(f"completion : {rec['completion']!r}")
-    for k in ("think1", "answer1", "reflection", "think2", "answer2", "final_boxed"):
-        print(f"  {k:<11}: {rec[k]!r}")
-    print("format ok  :", rec["format_ok"])
-    for q in rec["problems"]: print("  -", q)
+    "Print an `ask_policy` record: the question, the completion, its five slots and its format problems."
+    print(f"\n== {title}\nquestion   : {rec['question']!r}\ngold       : {rec['gold']}")
+    print(f"completion : {rec['completion'][:300]!r}")
+    print("format ok  :", rec["format_ok"], "".join(f"\n  - {q}" for q in rec["problems"][:3]))
 
-# %% ../nbs/10a_demo.ipynb #33d39695
-DEMO_OUTPUTS = ("reflection_data", "sft", "grpo", "demo.json")  # what a demo writes in its folder
+# %% ../nbs/10a_demo.ipynb #f0d0494f
+def score_predictions(records: list, problems: dict, tokenizer=None) -> dict:
+    "Format-ok rate (all five blocks, in order) and mean SRPO reward (paper variant) of eval prediction records."
+    from srpo_nb.rewards import srpo_reward
+    if not records: raise ValueError("no prediction records to score")
+    rewards, ok, parts = [], [], {"format": [], "reflection": [], "effectiveness": [], "accuracy": []}
+    for r in records:
+        p = problems[r["id"]]
+        bd = srpo_reward(r["completion"], p.answer, choices=p.choices, tokenizer=tokenizer)
+        rewards.append(bd.total); ok.append(parse_completion(r["completion"]).ok)
+        for k in parts: parts[k].append(getattr(bd, k))
+    n = len(records)
+    return {"n": n, "format_ok_rate": round(sum(ok) / n, 4), "mean_reward": round(sum(rewards) / n, 4),
+            **{f"mean_{k}": round(sum(v) / n, 4) for k, v in parts.items()}}
+
+# %% ../nbs/10a_demo.ipynb #a7243668
+DEMO_OUTPUTS = ("problems", "reflection_data", "sft", "grpo", "eval", "report", "demo.json")  # what a demo writes in its folder
 DEMO_MARKER = ".srpo-demo"
 
 def prepare_demo_dir(out_dir: str | os.PathLike) -> Path:
@@ -59,48 +139,271 @@ def prepare_demo_dir(out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True); (out / DEMO_MARKER).write_text("a run folder of srpo demo\n")
     return out
 
-def run_demo(seed: int = 0, out_dir: str = "runs/demo", sft_steps: int = 40, grpo_steps: int = 8,
-             max_new_tokens: int = 96, temperature: float = 1.0, model_path: Optional[str] = None,
-             verbose: bool = True) -> dict:
-    "Run the SRPO chain on a CPU: answer, reflection data, SFT, GRPO, answer again; returns a record of each stage."
+# %% ../nbs/10a_demo.ipynb #11283bfc
+def _mean(xs) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 4) if xs else None
+
+def grpo_summary(metrics: list, window: int = 10) -> dict:
+    "Reward first/last `window` steps, groups kept by the filter, steps with a gradient, from GRPO's metrics records."
+    steps = [m for m in metrics if "reward" in m]
+    if not steps: raise ValueError("no GRPO step was logged")
+    w = max(1, min(window, len(steps) // 2 or 1))
+    col = lambda k, s=steps: [m.get(k) for m in s]
+    return {"steps_logged": len(steps), "window": w,
+            "reward_first": _mean(col("reward", steps[:w])), "reward_last": _mean(col("reward", steps[-w:])),
+            "format_first": _mean(col("rewards/srpo_paper_format/mean", steps[:w])),
+            "format_last": _mean(col("rewards/srpo_paper_format/mean", steps[-w:])),
+            "kept_fraction": _mean(col("filter/kept_frac")),
+            "steps_with_gradient": sum(1 for m in steps if (m.get("grad_norm") or 0) > 0),
+            "length_first": _mean(col("completions/mean_length", steps[:w])),
+            "length_last": _mean(col("completions/mean_length", steps[-w:]))}
+
+# %% ../nbs/10a_demo.ipynb #bdc46f2b
+BLOCK_NAMES = ("think 1", "answer 1", "reflection", "think 2", "answer 2")
+_BLOCK_COLOURS = {"think": "#dbeafe", "answer": "#dcfce7", "reflection": "#fef3c7"}
+
+def mark_blocks(completion: str) -> list[tuple[str, str]]:
+    "(label, text) runs of a completion: each block named by its place in SRPO's five ('think 1', …), text outside as 'outside'."
+    p, runs, pos, seen = parse_completion(completion), [], 0, {"think": 0, "answer": 0, "reflection": 0}
+    for b in p.blocks:
+        if completion[pos:b.start].strip(): runs.append(("outside", completion[pos:b.start].strip()))
+        seen[b.tag] += 1
+        label = b.tag if b.tag == "reflection" else f"{b.tag} {seen[b.tag]}"
+        runs.append((label + ("" if b.closed else " (unclosed)"), b.content))
+        pos = b.end
+    if completion[pos:].strip(): runs.append(("outside", completion[pos:].strip()))
+    return runs
+
+def _blocks_md(completion: str) -> str:
+    return "\n".join(f"- **{l}**: `{t.replace('`', chr(39))[:200] or '(empty)'}`" for l, t in mark_blocks(completion)) or "- (empty)"
+
+def _blocks_html(completion: str) -> str:
+    out = []
+    for l, t in mark_blocks(completion):
+        colour = _BLOCK_COLOURS.get(l.split()[0], "#eeeeee")
+        out.append(f'<span class="blk" style="background:{colour}"><b>{html.escape(l)}</b> {html.escape(t[:300])}</span>')
+    return " ".join(out) or "<i>(empty)</i>"
+
+CAN_AND_CANNOT = (
+    "A 200k-parameter Qwen2.5-VL with random weights and a 1k-token vocabulary can learn a *format*: SFT on 32 "
+    "reflection rows teaches it to write the five blocks, and GRPO with SRPO's reward makes well-formed answers more "
+    "frequent (the format and reflection terms pay for them), which is what the held-out reward measures. It cannot "
+    "learn to read a clock, a fraction or a bar chart: its final answers stay at chance (1/options), its first answers "
+    "copy the SFT rows' placeholder (so the accuracy term and W→R from a right first answer stay at zero), and the "
+    "length term barely moves. Nothing here says anything about accuracy on MathVista & co.; that needs the 7B runs "
+    "(srpo launch).")
+
+def _fmt(v) -> str:
+    return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+def demo_report_markdown(rec: dict) -> str:
+    "The demo's report as markdown: stage table, eval table, curves, samples with the five blocks marked, checks."
+    s, g, sft, rd, e = rec["seconds"], rec["grpo"], rec["sft"], rec["reflection_data"], rec["eval"]
+    from srpo_nb.eval import md_table
+    lines = ["# srpo demo: what each stage did", "",
+             f"Seed {rec['config']['seed']}; {rec['problems']['train']} training and {rec['problems']['heldout']} held-out "
+             f"generated questions, {rec['problems']['options']} options each ({', '.join(rec['problems']['families'])}); "
+             f"total {s.get('total', 0):.0f} s.", "",
+             "## What a model this size can and cannot learn", "", CAN_AND_CANNOT, "",
+             "## Stages", "",
+             md_table(["stage", "seconds", "what it did"], [
+                 ["problems", s.get("problems"), f"{rec['problems']['train']} + {rec['problems']['heldout']} questions, chance {rec['problems']['chance']}"],
+                 ["Stage 1a: reflection data", s.get("reflection_data"), f"{rd['rows']} rows, teacher: {rd['teacher']}, {rd['mean_target_tokens']} tokens per target"],
+                 ["Stage 1b: SFT", s.get("sft"), f"{sft['steps']} steps, loss {sft['first_loss']:.3f} → {sft['last_loss']:.3f}"],
+                 ["Stage 2: GRPO", s.get("grpo"), f"{g['steps']} steps, reward {_fmt(g['reward_first'])} → {_fmt(g['reward_last'])} "
+                  f"(mean of the first and last {g['window']}), groups kept {_fmt(g['kept_fraction'])}, "
+                  f"steps with a gradient {g['steps_with_gradient']}/{g['steps_logged']}"],
+                 ["eval", s.get("eval"), f"base, SFT and SRPO policies on {e['base']['n']} held-out questions"],
+                 ["report", s.get("report"), "this page"]]), "",
+             "## Held-out evaluation", "",
+             md_table(["policy", "n", "format ok", "mean reward", "final accuracy", "reflection ok", "mean tokens"],
+                      [[n, e[n]["n"], _fmt(e[n]["format_ok_rate"]), _fmt(e[n]["mean_reward"]), _fmt(e[n]["final_accuracy"]),
+                        _fmt(e[n]["reflection_rate"]), _fmt(e[n]["mean_response_tokens"])] for n in ("base", "sft", "srpo")]), "",
+             "Format ok: all five blocks, in order, nothing outside them. Mean reward: SRPO's reward (paper variant) of each "
+             f"answer. Sampled at temperature {rec['config']['temperature']}, at most {rec['config']['max_new_tokens']} tokens, "
+             "with the SFT rows' system prompt.", "",
+             "## Reflection data", "", "One SFT target:", "", _blocks_md(rd["example_target"]), "",
+             "## SFT loss", "", "![SFT loss](sft_loss.png)", "",
+             "## GRPO curves", "", f"Filter totals: {json.dumps(g['filter'])}; transitions: {json.dumps(g['transitions'])}.", "",
+             "![reward components](grpo_reward_components.png)", "", "![response length](grpo_response_length.png)", "",
+             "![transitions](grpo_transitions.png)", "",
+             "## Sample completions (held-out questions)", ""]
+    for k, smp in enumerate(rec["samples"]):
+        lines += [f"### Question {k + 1}: gold {smp['gold']}", "", f"![question {k + 1}](question_{k + 1}.png)", "",
+                  "```", smp["question"], "```", ""]
+        for n, c in smp["completions"].items(): lines += [f"**{n}**", "", _blocks_md(c), ""]
+    lines += ["## Checks", "", md_table(["check", "holds"], [[k, "yes" if v else "no"] for k, v in rec["checks"].items()]), ""]
+    return "\n".join(lines)
+
+def demo_report_html(rec: dict) -> str:
+    "The same report as one HTML page (tables, curves and the five blocks in colour)."
+    s, g, sft, rd, e = rec["seconds"], rec["grpo"], rec["sft"], rec["reflection_data"], rec["eval"]
+    row = lambda cells, tag="td": "<tr>" + "".join(f"<{tag}>{html.escape(str(c))}</{tag}>" for c in cells) + "</tr>"
+    table = lambda head, rows: "<table>" + row(head, "th") + "".join(row(r) for r in rows) + "</table>"
+    parts = ["<!doctype html><meta charset='utf-8'><title>srpo demo report</title>",
+             "<style>body{font-family:sans-serif;max-width:960px;margin:auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 8px}.blk{display:inline-block;margin:2px;padding:2px 4px;"
+             "border-radius:4px;font-family:monospace;font-size:90%}</style>",
+             "<h1>srpo demo: what each stage did</h1>",
+             f"<p>Seed {rec['config']['seed']}; {rec['problems']['train']} training and {rec['problems']['heldout']} held-out "
+             f"questions, {rec['problems']['options']} options each; total {s.get('total', 0):.0f} s.</p>",
+             "<h2>What a model this size can and cannot learn</h2>", f"<p>{html.escape(CAN_AND_CANNOT)}</p>",
+             "<h2>Stages</h2>",
+             table(["stage", "seconds", "numbers"], [
+                 ["Stage 1a: reflection data", s.get("reflection_data"), f"{rd['rows']} rows, {rd['mean_target_tokens']} tokens per target"],
+                 ["Stage 1b: SFT", s.get("sft"), f"loss {sft['first_loss']:.3f} → {sft['last_loss']:.3f} in {sft['steps']} steps"],
+                 ["Stage 2: GRPO", s.get("grpo"), f"reward {_fmt(g['reward_first'])} → {_fmt(g['reward_last'])}, groups kept {_fmt(g['kept_fraction'])}"],
+                 ["eval", s.get("eval"), f"{e['base']['n']} held-out questions per policy"]]),
+             "<h2>Held-out evaluation</h2>",
+             table(["policy", "format ok", "mean reward", "final accuracy", "reflection ok"],
+                   [[n, _fmt(e[n]["format_ok_rate"]), _fmt(e[n]["mean_reward"]), _fmt(e[n]["final_accuracy"]),
+                     _fmt(e[n]["reflection_rate"])] for n in ("base", "sft", "srpo")]),
+             "<h2>Reflection data</h2><p>One SFT target:</p>", f"<p>{_blocks_html(rd['example_target'])}</p>",
+             "<h2>SFT loss</h2><img src='sft_loss.png'>",
+             "<h2>GRPO curves</h2><img src='grpo_reward_components.png'><img src='grpo_response_length.png'>"
+             "<img src='grpo_transitions.png'>",
+             "<h2>Sample completions</h2>"]
+    for k, smp in enumerate(rec["samples"]):
+        parts.append(f"<h3>Question {k + 1} (gold {html.escape(smp['gold'])})</h3><img src='question_{k + 1}.png' width=160>"
+                     f"<pre>{html.escape(smp['question'])}</pre>")
+        parts += [f"<p><b>{n}</b><br>{_blocks_html(c)}</p>" for n, c in smp["completions"].items()]
+    parts += ["<h2>Checks</h2>", table(["check", "holds"], [[k, "yes" if v else "no"] for k, v in rec["checks"].items()])]
+    return "\n".join(parts)
+
+def write_demo_report(out_dir, rec: dict, sample_problems=()) -> dict:
+    "Write report.md, report.html and their PNGs (SFT loss, GRPO curves, the sample questions) into `out_dir`."
+    out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(rec["sft"]["loss_plot"], out / "sft_loss.png")
+    for name, path in rec["grpo"]["plots"].items(): shutil.copyfile(path, out / f"grpo_{name}.png")
+    for k, p in enumerate(sample_problems): p.images[0].save(out / f"question_{k + 1}.png")
+    (out / "report.md").write_text(demo_report_markdown(rec) + "\n")
+    (out / "report.html").write_text(demo_report_html(rec) + "\n")
+    return {"html": out / "report.html", "md": out / "report.md"}
+
+# %% ../nbs/10a_demo.ipynb #fc815350
+def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
+    "Problems → reflection data → SFT → GRPO → eval of base, SFT and SRPO policies → report; returns demo.json's record."
+    from srpo_nb.eval import EvalConfig, read_predictions, run_eval
     from srpo_nb.grpo import GRPOTrainConfig, train_grpo
     from srpo_nb.reflection_data import ReflectionDataConfig, build_reflection_data
     from srpo_nb.sft import SFTConfig, train_sft
-    out = prepare_demo_dir(out_dir)
-    seed_everything(seed)
-    base = str(model_path or tiny_model_path(seed))
-    problem = generate_problems(1, seed=seed)[0]
-    say = print if verbose else (lambda *a, **k: None)
-    rec = {"base": ask_policy(base, problem, seed, max_new_tokens, temperature)}
-    if verbose: print_answer(rec["base"], "1. the policy answers (before training)")
+    cfg = (config or DemoConfig()).replace(**overrides) if overrides else (config or DemoConfig())
+    out = prepare_demo_dir(cfg.out_dir)
+    t_start = time.perf_counter()
+    say = print if cfg.verbose else (lambda *a, **k: None)
+    seed_everything(cfg.seed)
+    base = str(cfg.model or tiny_model_path(cfg.seed))
+    rec: dict = {"config": cfg.to_dict(), "seconds": {}}
+    def stage(name, t0):
+        rec["seconds"][name] = round(time.perf_counter() - t0, 1)
+        if isinstance(rec.get(name), dict): rec[name]["seconds"] = rec["seconds"][name]
+        say(f"   [{name}: {rec['seconds'][name]:.1f} s]")
 
-    say("\n== 2. Stage 1a: reflection data (policy rollouts + the template teacher, not a model)")
-    rcfg = ReflectionDataConfig.from_dict(preset="tiny", policy_model=base, out_dir=str(out / "reflection_data"),
-                                          seed=seed, progress=verbose)
+    t = time.perf_counter()
+    train = demo_problems(cfg.n_train, cfg.seed, "train", cfg.family_list(), cfg.options)
+    heldout = demo_problems(cfg.n_heldout, cfg.seed, "heldout", cfg.family_list(), cfg.options)
+    first = ask_policy(base, heldout[0], cfg.seed, cfg.max_new_tokens, cfg.temperature)
+    save_problems(train, out / "problems" / "train.parquet"); save_problems(heldout, out / "problems" / "heldout.parquet")
+    rec["problems"] = dict(train=len(train), heldout=len(heldout), options=cfg.options, families=cfg.family_list(),
+                           chance=round(1 / cfg.options, 4), path=str(out / "problems"))
+    rec["base"] = first
+    say(f"== 0. problems: {len(train)} train + {len(heldout)} held-out questions with {cfg.options} options "
+        f"({', '.join(cfg.family_list())})")
+    if cfg.verbose: print_answer(first, "1. the starting policy answers a held-out question")
+    stage("problems", t)
+
+    t = time.perf_counter()
+    teacher = (dict(teacher="openai", teacher_base_url=cfg.teacher_url, teacher_model=cfg.teacher_model,
+                    api_key_env=cfg.api_key_env) if cfg.teacher_url else dict(teacher="template_short"))
+    say(f"\n== 2. Stage 1a: reflection data ({cfg.reflection_rows} policy attempts; teacher: "
+        f"{cfg.teacher_url or 'the short template, not a model'})")
+    rcfg = ReflectionDataConfig.from_dict(preset="tiny", problems=str(out / "problems" / "train.parquet"),
+                                          num_problems=cfg.reflection_rows, policy_model=base, seed=cfg.seed,
+                                          total=cfg.reflection_rows, max_new_tokens=cfg.attempt_tokens, second_think=True,
+                                          batch_size=16, out_dir=str(out / "reflection_data"), progress=cfg.verbose, **teacher)
     ds, summary = build_reflection_data(rcfg)
-    rec["reflection_data"] = dict(rows=len(ds), path=str(out / "reflection_data" / "sft.parquet"), summary=summary)
-    say(f"{len(ds)} SFT rows -> {rec['reflection_data']['path']}")
-    say("one SFT target:\n" + ds[0]["messages"][-1]["content"][0]["text"])
+    targets = [r["messages"][-1]["content"][0]["text"] for r in ds]
+    from transformers import AutoProcessor
+    tokenizer = AutoProcessor.from_pretrained(base).tokenizer
+    rec["reflection_data"] = dict(rows=len(ds), path=summary["path"], teacher=summary["teacher"], second_think=True,
+                                  mean_target_tokens=round(sum(len(tokenizer.encode(x)) for x in targets) / len(targets), 1),
+                                  example_target=targets[0], summary=summary)
+    say(f"{len(ds)} SFT rows, {rec['reflection_data']['mean_target_tokens']} tokens per target on average; one:\n{targets[0]}")
+    stage("reflection_data", t)
 
-    say(f"\n== 3. Stage 1b: reflection cold-start SFT ({sft_steps} steps, full, vision frozen)")
-    scfg = SFTConfig.from_dict(preset="tiny", model=base, dataset=rec["reflection_data"]["path"],
-                               output_dir=str(out / "sft"), max_steps=sft_steps, seed=seed)
+    t = time.perf_counter()
+    say(f"\n== 3. Stage 1b: reflection cold-start SFT ({cfg.sft_steps} steps, full fine-tune, vision frozen)")
+    scfg = SFTConfig.from_dict(preset="tiny", model=base, dataset=summary["path"], output_dir=str(out / "sft"),
+                               max_steps=cfg.sft_steps, learning_rate=cfg.sft_lr, save_steps=cfg.sft_steps,
+                               logging_steps=max(1, cfg.sft_steps // 20), seed=cfg.seed)
     sres = train_sft(scfg)
-    losses = [h["loss"] for h in sres.log_history if "loss" in h]
-    rec["sft"] = dict(steps=sres.global_step, first_loss=losses[0], last_loss=losses[-1], model=str(sres.final_model_dir))
-    say(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {sres.global_step} steps; model -> {sres.final_model_dir}")
+    losses = sres.losses
+    rec["sft"] = dict(steps=sres.global_step, first_loss=round(losses[0][1], 4), last_loss=round(losses[-1][1], 4),
+                      losses=losses, model=str(sres.final_model_dir), loss_plot=str(out / "sft" / "loss.png"))
+    stage("sft", t)
 
-    say(f"\n== 4. Stage 2: GRPO with the reflection-aware reward ({grpo_steps} steps)")
-    gcfg = GRPOTrainConfig.from_dict(preset="tiny", model=str(sres.final_model_dir), output_dir=str(out / "grpo"),
-                                     max_steps=grpo_steps, seed=seed)
+    t = time.perf_counter()
+    say(f"\n== 4. Stage 2: GRPO with the reflection-aware reward ({cfg.grpo_steps} steps, G = {cfg.num_generations}, "
+        f"online filter on)")
+    P, G = cfg.prompts_per_step, cfg.num_generations
+    gcfg = GRPOTrainConfig.from_dict(preset="tiny", model=str(sres.final_model_dir), data=str(out / "problems" / "train.parquet"),
+                                     max_problems=None, system_prompt="sft", filter_on="final_correct",
+                                     num_generations=G, prompts_per_rollout=P, train_batch_size=P * G, per_device_batch_size=P * G,
+                                     learning_rate=cfg.grpo_lr, max_completion_length=cfg.max_new_tokens,
+                                     temperature=cfg.temperature, top_k=cfg.top_k, max_steps=cfg.grpo_steps,
+                                     save_steps=cfg.grpo_steps, tensorboard=False, log_completions=False,
+                                     verbose=cfg.verbose, output_dir=str(out / "grpo"), seed=cfg.seed)
     gres = train_grpo(gcfg)
-    rec["grpo"] = dict(steps=gres.global_step, model=str(gres.final_model), transitions=gres.transition_totals,
-                       filter=gres.filter_totals, plots=[str(p) for p in gres.plots])
-    say(f"{gres.global_step} steps; transitions {gres.transition_totals}; online filter {gres.filter_totals}")
-    say(f"plots: {', '.join(Path(p).name for p in gres.plots)} in {out / 'grpo'}")
+    rec["grpo"] = dict(steps=gres.global_step, model=str(gres.final_model), filter=gres.filter_totals,
+                       transitions=gres.transition_totals, **grpo_summary(gres.metrics),
+                       plots={k: str(v) for k, v in gres.plots.items()})
+    g = rec["grpo"]
+    say(f"reward {g['reward_first']} (first {g['window']} steps) -> {g['reward_last']} (last {g['window']}); groups kept "
+        f"{g['kept_fraction']}; steps with a gradient {g['steps_with_gradient']}/{g['steps_logged']}")
+    stage("grpo", t)
 
-    rec["trained"] = ask_policy(gres.final_model, problem, seed, max_new_tokens, temperature)
-    if verbose: print_answer(rec["trained"], "5. the trained policy answers the same problem")
+    t = time.perf_counter()
+    say(f"\n== 5. eval: base, SFT and SRPO policies on {len(heldout)} held-out questions")
+    ecfg = EvalConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, prompt="sft", batch_size=16,
+                      device="cpu", seed=cfg.seed, progress=cfg.verbose)
+    policies = {"base": base, "sft": str(sres.final_model_dir), "srpo": str(gres.final_model)}
+    results = run_eval(list(policies.values()), f"generated={out / 'problems' / 'heldout.parquet'}", str(out / "eval"),
+                       config=ecfg)
+    by_id = {p.id: p for p in heldout}
+    rec["eval"], samples = {}, {}
+    for (name, path), (label, m) in zip(policies.items(), results.items()):
+        records = [r for r in read_predictions(out / "eval" / label / "predictions.jsonl") if r["model"] == label]
+        b = m["benchmarks"]["generated"]
+        rec["eval"][name] = dict(model=path, **score_predictions(records, by_id, tokenizer),
+                                 final_accuracy=b["final_accuracy"], reflection_rate=b["reflection_rate"],
+                                 mean_response_tokens=b["mean_response_tokens"])
+        samples[name] = {r["id"]: r for r in records}
+    rec["eval"]["report"] = str(out / "eval" / "report.md")
+    rec["samples"] = [dict(question=format_question(by_id[i]), gold=by_id[i].answer, image=i,
+                           completions={n: samples[n][i]["completion"] for n in policies})
+                      for i in [p.id for p in heldout[:3]] if all(i in samples[n] for n in policies)]
+    for n in policies:
+        e = rec["eval"][n]
+        say(f"{n:<5} format ok {e['format_ok_rate']:.3f}  mean reward {e['mean_reward']:.3f}  "
+            f"final accuracy {e['final_accuracy']:.3f}")
+    stage("eval", t)
+
+    e, g = rec["eval"], rec["grpo"]
+    rec["checks"] = {"sft_format_above_base": e["sft"]["format_ok_rate"] > e["base"]["format_ok_rate"],
+                     "grpo_keeps_groups": (g["kept_fraction"] or 0) > 0 and g["steps_with_gradient"] > 0,
+                     "grpo_reward_rises": (g["reward_last"] or 0) > (g["reward_first"] or 0),
+                     "srpo_reward_above_sft": e["srpo"]["mean_reward"] > e["sft"]["mean_reward"]}
+    t = time.perf_counter()
+    rec["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+    paths = write_demo_report(out / "report", rec, heldout[:len(rec["samples"])])
+    rec["report"] = {k: str(v) for k, v in paths.items()}
+    rec["seconds"]["report"] = round(time.perf_counter() - t, 1)
+    rec["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
     (out / "demo.json").write_text(json.dumps(rec, indent=2, default=str))
-    say(f"\nrecord of the run: {out / 'demo.json'}")
+    write_demo_report(out / "report", rec, heldout[:len(rec["samples"])])  # again, with the report's own time in it
+    say("\nchecks: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in rec["checks"].items()))
+    say("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in rec["seconds"].items() if k != "total")
+        + f"; total {rec['seconds']['total']:.0f} s")
+    say(f"report: {paths['html']}\nrecord: {out / 'demo.json'}")
     return rec

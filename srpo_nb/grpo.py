@@ -20,7 +20,7 @@ from .core import (Config, check_choice, has_cuda, is_installed, optional_import
                          checkpoint_callback, check_model_source, claim_run_dir, finish_run,
                          latest_complete_checkpoint, run_finished, trim_jsonl)
 from .data import Problem, format_question, load_problem_source
-from .format import RL_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, make_messages, read_prompt
+from .format import RL_SYSTEM_PROMPT, SFT_SYSTEM_PROMPT, THINK_ANSWER_PROMPT, make_messages, read_prompt
 from .models import (PRECISIONS, cast_trainable, import_unsloth, load_policy, lora_config, precision_plan, resolve_model,
                      use_torch_logprobs,
                      trainable_parameter_names, use_unsloth_now, vision_token_ids)
@@ -36,7 +36,7 @@ __all__ = ['SYSTEM_PROMPTS', 'LOSS_TYPES', 'FILTER_SIGNALS', 'REWARD_COMPONENTS'
            'reflection_sft_status', 'without_sft_message', 'train_grpo', 'run_grpo']
 
 # %% ../nbs/08_grpo.ipynb #94f1e094
-SYSTEM_PROMPTS = {"rl": RL_SYSTEM_PROMPT, "think_answer": THINK_ANSWER_PROMPT, "none": None}
+SYSTEM_PROMPTS = {"rl": RL_SYSTEM_PROMPT, "think_answer": THINK_ANSWER_PROMPT, "sft": SFT_SYSTEM_PROMPT, "none": None}
 LOSS_TYPES = ("grpo", "dapo", "dr_grpo", "bnpo")
 FILTER_SIGNALS = {"accuracy": "accuracy_norm", "final_correct": "final_correct", "first_correct": "first_correct"}  # filter_on -> reward component
 
@@ -58,7 +58,7 @@ class GRPOTrainConfig(Config):
     data: str = "TIGER-Lab/ViRL39K"   # hub id, a problems .parquet, "shipped" (data/problems) or "generated"
     data_split: str = "train"         # split of a hub dataset / of the shipped set
     max_problems: Optional[int] = None  # keep the first N problems (None = all; "generated" needs it)
-    system_prompt: str = "auto"       # "auto" (rl for the SRPO rewards, think_answer for grpo), "rl", "think_answer", "none", or a text file
+    system_prompt: str = "auto"       # "auto" (rl for the SRPO rewards, think_answer for grpo), "rl", "think_answer", "sft" (the cold-start prompt: a small model that cannot carry its format to a new prompt), "none", or a text file
     max_prompt_length: Optional[int] = 1024  # drop problems whose prompt (text + image tokens) is longer (VLM prompts are never truncated)
     max_pixels: Optional[int] = 640 * 28 * 28  # pixels per image (released run: 640·28·28, at most 640 image tokens); images are resized to it when rows are built; None = the checkpoint's
     # reward
@@ -88,6 +88,7 @@ class GRPOTrainConfig(Config):
     loss_type: str = "grpo"           # TRL loss normalisation: "grpo" (per-sequence mean, the paper's formula), "dapo", "dr_grpo", "bnpo"
     scale_rewards: str = "group"      # A = (r - mean)/(std + eps) per group (paper; TRL's eps is 1e-4, the paper's 1e-9); "batch" or "none"
     temperature: float = 1.0
+    top_k: int = 0                    # sample from the k likeliest tokens only; 0 = no cutoff (TRL's default, the paper's full distribution); 50 = what transformers' generate (and so srpo eval on the hf backend) does
     max_completion_length: int = 2048
     num_train_epochs: float = 3.0     # passes over the prompts
     max_steps: int = -1               # > 0 overrides num_train_epochs (optimizer steps)
@@ -215,7 +216,7 @@ def trl_args(config: GRPOTrainConfig, n_processes: Optional[int] = None, reward_
         warmup_steps=config.warmup_ratio, max_grad_norm=config.max_grad_norm,
         epsilon=config.epsilon, beta=config.beta, use_bias_correction_kl=config.kl_bias_correction,
         loss_type=config.loss_type, scale_rewards=config.scale_rewards,
-        temperature=config.temperature, max_completion_length=config.max_completion_length,
+        temperature=config.temperature, top_k=config.top_k, max_completion_length=config.max_completion_length,
         num_train_epochs=config.num_train_epochs, max_steps=config.max_steps,
         bf16=precision.bf16, fp16=precision.fp16, gradient_checkpointing=config.gradient_checkpointing,
         **vllm_args(config),

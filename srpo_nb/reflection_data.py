@@ -665,11 +665,16 @@ def serve(model: Any, host: str = "127.0.0.1", port: int = 0, device: Any = "aut
 class TemplateTeacher:
     "A fixed-form reflection from the verdict, the policy's answer and the gold — not a model (CPU demo, tests)."
     want_reasoning: bool = False   # also write a (templated) revised reasoning
+    short: bool = False            # one short sentence per reflection (a tiny model's short completion budget: the CPU demo)
     max_concurrency: int = 1
     name: str = field(default="template (not a model)", init=False)
     retries: int = field(default=0, init=False, repr=False)
 
     def reflect(self, req: ReflectionRequest) -> Reflection:
+        if self.short:
+            text = (f"The first answer {req.pred} is right." if req.correct else
+                    f"The first answer is wrong; it is {req.gold}." if req.pred else f"The first answer is missing; it is {req.gold}.")
+            return Reflection(text, f"So the answer is {req.gold}." if self.want_reasoning else None, attempts=1)
         words = len(req.cot.split())
         if req.correct:
             text = (f"The first solution reached {req.pred}, which is correct. Its reasoning used {words} words; it "
@@ -777,7 +782,7 @@ class Journal:
     def __len__(self): return sum(len(v) for v in self._records.values())
 
 # %% ../nbs/05_reflection_data.ipynb #f70efec2
-TEACHERS = ("openai", "template")
+TEACHERS = ("openai", "template", "template_short")
 
 @dataclass
 class ReflectionDataConfig(Config):
@@ -802,7 +807,7 @@ class ReflectionDataConfig(Config):
     total: int = 10_000                  # responses sent to the teacher (paper: 10K)
     correct_fraction: float = 0.3        # share of correct first answers among them (paper: ~30/70)
     # teacher
-    teacher: str = "openai"              # 'openai' (any OpenAI-compatible endpoint) or 'template' (not a model)
+    teacher: str = "openai"              # 'openai' (any OpenAI-compatible endpoint), 'template' (not a model) or 'template_short' (the same, one short sentence: the CPU demo)
     teacher_model: str = "o4-mini"       # teacher model name on the endpoint (paper: o4-mini)
     teacher_base_url: str = "https://api.openai.com/v1"  # endpoint root (vLLM: http://host:8000/v1)
     api_key_env: Optional[str] = "OPENAI_API_KEY"  # NAME of the env variable holding the key; the key is never stored
@@ -882,7 +887,8 @@ def load_config_problems(cfg: ReflectionDataConfig) -> list:
 
 def make_teacher(cfg: ReflectionDataConfig):
     "The teacher a config names."
-    if cfg.teacher == "template": return TemplateTeacher(want_reasoning=cfg.second_think)
+    if cfg.teacher in ("template", "template_short"):
+        return TemplateTeacher(want_reasoning=cfg.second_think, short=cfg.teacher == "template_short")
     return OpenAITeacher(model=cfg.teacher_model, base_url=cfg.teacher_base_url, api_key_env=cfg.api_key_env,
                          reply_rule=cfg.teacher_reply, json_mode=cfg.teacher_json_mode, want_reasoning=cfg.second_think,
                          temperature=cfg.teacher_temperature, max_tokens=cfg.teacher_max_tokens, timeout=cfg.teacher_timeout,

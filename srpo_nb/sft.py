@@ -374,6 +374,16 @@ def plot_loss(log_history: list, path: str | os.PathLike | None = None, title: s
     if path is not None: fig.savefig(path, dpi=100); plt.close(fig)
     return fig
 
+def _loss_line():
+    "A TrainerCallback printing one short line per logged step (instead of TRL's dict of every log)."
+    from transformers import TrainerCallback
+    class LossLine(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and logs and "loss" in logs:
+                print(f"step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4g}, grad norm "
+                      f"{logs.get('grad_norm', float('nan')):.3g}, lr {logs.get('learning_rate', float('nan')):.3g}", flush=True)
+    return LossLine()
+
 def _metrics_logger(path: Path):
     from transformers import TrainerCallback
     class MetricsLogger(TrainerCallback):
@@ -419,6 +429,8 @@ def train_sft(config: SFTConfig, rows=None, callbacks: Optional[list] = None) ->
         trim_jsonl(out / "metrics.jsonl", json.loads((ckpt / "trainer_state.json").read_text())["global_step"] if ckpt else 0)
     trainer = build_sft_trainer(config, rows, callbacks=[checkpoint_callback(), _metrics_logger(out / "metrics.jsonl"),
                                                          *(callbacks or [])])
+    from transformers.trainer_callback import PrinterCallback
+    trainer.remove_callback(PrinterCallback); trainer.add_callback(_loss_line())  # one line per log, not a dict
     main = trainer.is_world_process_zero()
     if main: config.save(out / "sft_config.yaml")
     train_out = trainer.train(resume_from_checkpoint=trainer.resume_checkpoint)
