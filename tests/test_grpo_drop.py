@@ -94,6 +94,15 @@ def perturb(model, scale=0.02, seed=0):
         for w in model.parameters(): w.add_(scale * torch.randn(w.shape, generator=g))
 
 
+def assert_grads_close(ours, theirs, what, rel=1e-5):
+    "Every gradient entry within rel × the largest entry (float32 sums in another order differ in the last bits)."
+    assert ours.keys() == theirs.keys() and theirs
+    scale = max(float(g.abs().max()) for g in theirs.values())
+    assert scale > 0, "the reference gradient is zero: the test would prove nothing"
+    worst = max(float((ours[n] - theirs[n]).abs().max()) for n in theirs)
+    assert worst <= rel * scale, f"{what}: max gradient difference {worst:.3g} > {rel} x {scale:.3g}"
+
+
 def grads(model):
     out = {n: w.grad.detach().clone() for n, w in model.named_parameters() if w.grad is not None}
     model.zero_grad()
@@ -121,8 +130,7 @@ def test_dropped_group_leaves_the_batch(tiny, tmp_path, steps, easy):
         theirs = GRPOTrainer.compute_loss(t, t.model, ref); theirs.backward()
         g_theirs = grads(t.model)
         assert torch.allclose(ours, theirs.detach(), rtol=1e-5, atol=1e-7), (loss_type, ours, theirs)
-        assert g_ours.keys() == g_theirs.keys()
-        for n in g_theirs: assert torch.allclose(g_ours[n], g_theirs[n], rtol=1e-4, atol=1e-8), (loss_type, n)
+        assert_grads_close(g_ours, g_theirs, loss_type)
 
 
 def test_nothing_dropped_is_trl_unchanged(tiny, tmp_path):
