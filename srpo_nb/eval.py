@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 from .core import Config, check_choice, write_json_atomic
-from .format import RL_SYSTEM_PROMPT, SFT_SYSTEM_PROMPT, extract_boxed, make_messages, parse_completion
+from .format import RL_SYSTEM_PROMPT, SFT_SYSTEM_PROMPT, extract_boxed, make_messages, parse_completion, read_prompt
 from .rewards import MAX_BLOCK_CHARS, as_choices, choice_index, count_tokens_regex, grade_answer, srpo_reward
 
 # %% auto #0
@@ -519,7 +519,7 @@ class EvalConfig(Config):
     max_new_tokens: int = 4096       # cap on each answer's tokens
     temperature: float = 0.0         # 0 = greedy
     top_p: float = 1.0               # nucleus sampling when temperature > 0
-    prompt: str = "srpo"             # system prompt: 'srpo' (five blocks), 'sft' (cold-start) or 'plain' (a boxed answer only)
+    prompt: str = "srpo"             # system prompt: 'srpo' (five blocks), 'sft' (cold-start), 'plain' (a boxed answer only), or a text file
     backend: str = "hf"              # 'hf' (transformers generate, batched) or 'vllm' (imported lazily)
     batch_size: int = 8              # questions per generate call (and per write to disk)
     device: str = "auto"             # for the hf backend
@@ -532,7 +532,10 @@ class EvalConfig(Config):
     presets: ClassVar[dict] = {"tiny": {"max_new_tokens": 32, "batch_size": 4}}
 
     def __post_init__(self):
-        check_choice("prompt", self.prompt, SYSTEM_PROMPTS)
+        if self.prompt not in SYSTEM_PROMPTS:
+            if not Path(self.prompt).expanduser().is_file():
+                raise ValueError(f"prompt={self.prompt!r} is not one of {list(SYSTEM_PROMPTS)} nor an existing text file")
+            read_prompt(self.prompt)   # an empty file fails here
         from srpo_nb.models import GENERATION_BACKENDS
         check_choice("backend", self.backend, GENERATION_BACKENDS)
 
@@ -543,7 +546,7 @@ class EvalConfig(Config):
 
 def eval_prompt(item: EvalItem, prompt: str = "srpo") -> dict:
     "The generator's prompt dict (`messages`, `images`) for one item."
-    system = SYSTEM_PROMPTS[check_choice("prompt", prompt, SYSTEM_PROMPTS)]
+    system = SYSTEM_PROMPTS[prompt] if prompt in SYSTEM_PROMPTS else read_prompt(prompt)
     return {"messages": make_messages(item.question, len(item.images), system), "images": [fresh_rgb(im) for im in item.images]}
 
 # %% ../nbs/09_eval.ipynb #84ef4fac

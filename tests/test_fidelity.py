@@ -206,3 +206,12 @@ def test_grpo_without_reflection_sft_is_named_the_ablation(tmp_path):
     assert "w/o reflection SFT" in without_sft_message("Qwen/Qwen2.5-VL-7B-Instruct")
     write_stage_marker(tmp_path / "grpo_final", "grpo", str(sft))
     assert read_stage_marker(tmp_path / "grpo_final")["stages"] == ["reflection_sft", "grpo"]
+
+
+def test_eval_config_takes_a_prompt_file(tmp_path):
+    from srpo_nb.eval import EvalConfig, EvalItem, eval_prompt
+    f = tmp_path / "mine.txt"; f.write_text("Answer with the option letter only.\n")
+    assert EvalConfig(prompt=str(f)).prompt == str(f)
+    msgs = eval_prompt(EvalItem("generated", "q0", "What is shown?", [], {}), str(f))["messages"]
+    assert msgs[0]["content"][0]["text"] == "Answer with the option letter only."
+    with pytest.raises(ValueError, match="is not one of .* nor an existing text file"): EvalConfig(prompt=str(tmp_path / "x.txt"))
