@@ -88,7 +88,7 @@ class GRPOTrainConfig(Config):
     loss_type: str = "grpo"           # TRL loss normalisation: "grpo" (per-sequence mean, the paper's formula), "dapo", "dr_grpo", "bnpo"
     scale_rewards: str = "group"      # A = (r - mean)/(std + eps) per group (paper; TRL's eps is 1e-4, the paper's 1e-9); "batch" or "none"
     temperature: float = 1.0
-    top_k: int = 0                    # sample from the k likeliest tokens only; 0 = no cutoff (TRL's default, the paper's full distribution); 50 = what transformers' generate (and so srpo eval on the hf backend) does
+    top_k: int = 0                    # sample from the k likeliest tokens only; 0 = no cutoff (TRL's default, the paper's full distribution, and how srpo eval samples)
     max_completion_length: int = 2048
     num_train_epochs: float = 3.0     # passes over the prompts
     max_steps: int = -1               # > 0 overrides num_train_epochs (optimizer steps)
