@@ -24,6 +24,9 @@ def quiet_dependencies() -> None:
     transformers.utils.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
     datasets.utils.logging.set_verbosity_error(); datasets.disable_progress_bars()
     for name in ("accelerate", "trl", "torch"): logging.getLogger(name).setLevel(logging.ERROR)
+    # the trainers reset transformers' verbosity to their log_level: this notice (the tiny tokenizer's special ids
+    # copied into the model's config, as intended) is dropped by a filter instead
+    logging.getLogger("transformers.trainer_utils").addFilter(lambda r: "new PAD/BOS/EOS" not in r.getMessage())
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|trl|accelerate|datasets)\.")
 

@@ -26,7 +26,7 @@ __all__ = ['DEMO_OUTPUTS', 'DEMO_MARKER', 'BLOCK_NAMES', 'CAN_AND_CANNOT', 'Demo
            'print_answer', 'score_predictions', 'prepare_demo_dir', 'grpo_summary', 'mark_blocks',
            'demo_report_markdown', 'demo_report_html', 'write_demo_report', 'run_demo']
 
-# %% ../nbs/10a_demo.ipynb #a1aed0e1
+# %% ../nbs/10a_demo.ipynb #f01c5491
 @dataclass
 class DemoConfig(Config):
     "`srpo demo`'s settings: sized so that each stage moves the tiny model measurably on a 2-core CPU."
@@ -36,7 +36,7 @@ class DemoConfig(Config):
     # problems
     families: str = "clock,fraction,bar_chart"  # generator families with multiple-choice questions
     options: int = 2                      # options kept per question (the gold and a distractor): chance = 1/options
-    n_train: int = 64                     # problems for Stage 1a and GRPO
+    n_train: int = 240                    # problems for Stage 1a and GRPO (GRPO sees each once)
     n_heldout: int = 64                   # held-out problems the three policies are scored on
     # Stage 1a
     reflection_rows: int = 32             # SFT rows (policy attempts + reflections)
@@ -54,7 +54,7 @@ class DemoConfig(Config):
     prompts_per_step: int = 2             # prompts per GRPO step (G responses each)
     max_new_tokens: int = 96              # completion budget in GRPO and eval (the SFT targets are ~75 tokens)
     temperature: float = 1.0              # sampling temperature in GRPO and eval
-    top_k: int = 50                       # sampling cutoff in GRPO (= transformers' generate default, which eval uses)
+    top_k: int = 0                        # GRPO's sampling cutoff: 0 = none, as eval samples (a top-50 GRPO policy does worse on the full distribution)
     verbose: bool = True                  # one line per stage step and a summary per stage
 
     ranges: ClassVar[dict] = dict(options=(2, 4), n_train=(2, None), n_heldout=(1, None), reflection_rows=(1, None),
@@ -71,7 +71,7 @@ class DemoConfig(Config):
         "The families, as a list."
         return [f.strip() for f in self.families.split(",") if f.strip()]
 
-# %% ../nbs/10a_demo.ipynb #aa856d49
+# %% ../nbs/10a_demo.ipynb #c1e97293
 def demo_problems(n: int, seed: int = 0, split: str = "train", families=("clock", "fraction", "bar_chart"),
                   options: int = 2) -> list:
     "`n` generated multiple-choice problems cut to `options` options (the gold among them, order shuffled)."
@@ -86,7 +86,7 @@ def demo_problems(n: int, seed: int = 0, split: str = "train", families=("clock"
         if len(out) == n: return out
     return out
 
-# %% ../nbs/10a_demo.ipynb #d7ccdebf
+# %% ../nbs/10a_demo.ipynb #fdb73092
 def ask_policy(model_path, problem, seed: int = 0, max_new_tokens: int = 96, temperature: float = 1.0,
                system_prompt: Optional[str] = SFT_SYSTEM_PROMPT) -> dict:
     "Ask `problem` to the policy at `model_path`; the completion and its parse in SRPO's five-block format."
@@ -107,7 +107,7 @@ def print_answer(rec: dict, title: str) -> None:
     print(f"completion : {rec['completion'][:300]!r}")
     print("format ok  :", rec["format_ok"], "".join(f"\n  - {q}" for q in rec["problems"][:3]))
 
-# %% ../nbs/10a_demo.ipynb #f0d0494f
+# %% ../nbs/10a_demo.ipynb #33f2c44c
 def score_predictions(records: list, problems: dict, tokenizer=None) -> dict:
     "Format-ok rate (all five blocks, in order) and mean SRPO reward (paper variant) of eval prediction records."
     from srpo_nb.rewards import srpo_reward
@@ -122,7 +122,7 @@ def score_predictions(records: list, problems: dict, tokenizer=None) -> dict:
     return {"n": n, "format_ok_rate": round(sum(ok) / n, 4), "mean_reward": round(sum(rewards) / n, 4),
             **{f"mean_{k}": round(sum(v) / n, 4) for k, v in parts.items()}}
 
-# %% ../nbs/10a_demo.ipynb #a7243668
+# %% ../nbs/10a_demo.ipynb #c15aa72c
 DEMO_OUTPUTS = ("problems", "reflection_data", "sft", "grpo", "eval", "report", "demo.json")  # what a demo writes in its folder
 DEMO_MARKER = ".srpo-demo"
 
@@ -139,7 +139,7 @@ def prepare_demo_dir(out_dir: str | os.PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True); (out / DEMO_MARKER).write_text("a run folder of srpo demo\n")
     return out
 
-# %% ../nbs/10a_demo.ipynb #11283bfc
+# %% ../nbs/10a_demo.ipynb #d3833d0c
 def _mean(xs) -> Optional[float]:
     xs = [x for x in xs if x is not None]
     return round(sum(xs) / len(xs), 4) if xs else None
@@ -159,7 +159,7 @@ def grpo_summary(metrics: list, window: int = 10) -> dict:
             "length_first": _mean(col("completions/mean_length", steps[:w])),
             "length_last": _mean(col("completions/mean_length", steps[-w:]))}
 
-# %% ../nbs/10a_demo.ipynb #bdc46f2b
+# %% ../nbs/10a_demo.ipynb #a3bd0022
 BLOCK_NAMES = ("think 1", "answer 1", "reflection", "think 2", "answer 2")
 _BLOCK_COLOURS = {"think": "#dbeafe", "answer": "#dcfce7", "reflection": "#fef3c7"}
 
@@ -281,7 +281,7 @@ def write_demo_report(out_dir, rec: dict, sample_problems=()) -> dict:
     (out / "report.html").write_text(demo_report_html(rec) + "\n")
     return {"html": out / "report.html", "md": out / "report.md"}
 
-# %% ../nbs/10a_demo.ipynb #fc815350
+# %% ../nbs/10a_demo.ipynb #2833422d
 def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
     "Problems → reflection data → SFT → GRPO → eval of base, SFT and SRPO policies → report; returns demo.json's record."
     from srpo_nb.eval import EvalConfig, read_predictions, run_eval
@@ -348,7 +348,7 @@ def run_demo(config: Optional[DemoConfig] = None, **overrides) -> dict:
         f"online filter on)")
     P, G = cfg.prompts_per_step, cfg.num_generations
     gcfg = GRPOTrainConfig.from_dict(preset="tiny", model=str(sres.final_model_dir), data=str(out / "problems" / "train.parquet"),
-                                     max_problems=None, system_prompt="sft", filter_on="final_correct",
+                                     max_problems=None, max_pixels=None, system_prompt="sft", filter_on="final_correct",
                                      num_generations=G, prompts_per_rollout=P, train_batch_size=P * G, per_device_batch_size=P * G,
                                      learning_rate=cfg.grpo_lr, max_completion_length=cfg.max_new_tokens,
                                      temperature=cfg.temperature, top_k=cfg.top_k, max_steps=cfg.grpo_steps,
