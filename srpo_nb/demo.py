@@ -189,10 +189,11 @@ CAN_AND_CANNOT = (
     "A 200k-parameter Qwen2.5-VL with random weights and a 1k-token vocabulary can learn a *format*: SFT on 32 "
     "reflection rows teaches it to write the five blocks, and GRPO with SRPO's reward makes well-formed answers more "
     "frequent (the format and reflection terms pay for them), which is what the held-out reward measures. It cannot "
-    "learn to read a clock, a fraction or a bar chart: its final answers stay at chance (1/options), its first answers "
-    "copy the SFT rows' placeholder (so the accuracy term and W→R from a right first answer stay at zero), and the "
-    "length term barely moves. Nothing here says anything about accuracy on MathVista & co.; that needs the 7B runs "
-    "(srpo launch).")
+    "learn to read a clock, a fraction or a bar chart: among the final answers it finishes, it is right about as "
+    "often as a guess (1/options; final accuracy rises only because more answers can be read). Its first answer "
+    "copies the SFT rows' placeholder, so it is never right: R_accuracy stays at zero and every transition starts "
+    "from W (W→R pays when the final letter happens to be right). The length term barely moves. Nothing here says "
+    "anything about accuracy on MathVista and the other benchmarks; that needs the 7B runs (srpo launch).")
 
 def _fmt(v) -> str:
     return "—" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
