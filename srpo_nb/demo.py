@@ -191,8 +191,8 @@ CAN_AND_CANNOT = (
     "frequent (the format and reflection terms pay for them), which is what the held-out reward measures. It cannot "
     "learn to read a clock, a fraction or a bar chart: among the final answers it finishes, it is right about as "
     "often as a guess (1/options; final accuracy rises only because more answers can be read). Its first answer "
-    "copies the SFT rows' placeholder, so it is never right: R_accuracy stays at zero and every transition starts "
-    "from W (W→R pays when the final letter happens to be right). The length term barely moves. Nothing here says "
+    "copies the SFT rows' placeholder, so it is almost never right: R_accuracy stays near zero and nearly every "
+    "transition starts from W (W→R pays when the final letter happens to be right). The length term barely moves. Nothing here says "
     "anything about accuracy on MathVista and the other benchmarks; that needs the 7B runs (srpo launch).")
 
 def _fmt(v) -> str:
