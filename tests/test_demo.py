@@ -72,3 +72,22 @@ def test_console_is_quiet_and_names_the_report(demo_run):
              if re.search(r"Loading weights|Writing model|Generating train split|Map:|Warning|warn|\[transformers\]|PAD/BOS/EOS", l, re.I)]
     assert not noise, noise[:5]
     assert len(lines) < 80, len(lines)
+
+
+@pytest.mark.parametrize("url", [None, "http://127.0.0.1:8000/v1"])
+def test_teacher_url_reaches_stage_1a(tmp_path, monkeypatch, url):
+    import srpo_nb.demo as demo
+    import srpo_nb.reflection_data as rd
+    class Stop(Exception): pass
+    seen = {}
+    def capture(cfg, *a, **k): seen["cfg"] = cfg; raise Stop()
+    monkeypatch.setenv("SRPO_NB_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(rd, "build_reflection_data", capture)
+    monkeypatch.setattr(demo, "ask_policy", lambda *a, **k: {})
+    with pytest.raises(Stop):
+        demo.run_demo(out_dir=str(tmp_path / "demo"), n_train=4, n_heldout=1, reflection_rows=2, teacher_url=url,
+                      teacher_model="qwen-teacher", api_key_env="MY_KEY", verbose=False)
+    cfg = seen["cfg"]
+    assert (cfg.second_think, cfg.total, cfg.num_problems, cfg.max_new_tokens) == (True, 2, 2, 8)
+    if url is None: assert cfg.teacher == "template_short"
+    else: assert (cfg.teacher, cfg.teacher_base_url, cfg.teacher_model, cfg.api_key_env) == ("openai", url, "qwen-teacher", "MY_KEY")
