@@ -122,8 +122,8 @@ class GRPOTrainConfig(Config):
     presets: ClassVar[dict] = {
         "tiny": dict(model="tiny", data="shipped", max_problems=32, num_generations=4, prompts_per_rollout=2,
                      train_batch_size=8, per_device_batch_size=8, learning_rate=1e-3, lr_scheduler="constant",
-                     warmup_ratio=0.0, max_completion_length=32, max_steps=8, save_steps=4,
-                     gradient_checkpointing=False, output_dir="runs/grpo-tiny", num_threads=1, seed=0),
+                     warmup_ratio=0.0, max_completion_length=32, max_steps=8, save_steps=4, max_pixels=None,
+                     gradient_checkpointing=False, output_dir="runs/grpo-tiny", num_threads=1, seed=0),  # the tiny processor's own pixel budget, as in its SFT
     }
     ranges: ClassVar[dict] = dict(max_problems=(1, None), max_prompt_length=(1, None), max_pixels=(1, None),
                                   filter_low=(0, 1), filter_high=(0, 1), num_generations=(2, None), prompts_per_rollout=(1, None),
