@@ -325,9 +325,10 @@ def import_unsloth():
     return optional_import("unsloth", purpose="FastVisionModel")
 
 def _load_unsloth(name_or_path, lora, freeze_vision, plan: PrecisionPlan, max_seq_length, seed):
+    import torch
     unsloth = import_unsloth()
     model, processor = unsloth.FastVisionModel.from_pretrained(
-        name_or_path, dtype=getattr(__import__("torch"), plan.compute), load_in_4bit=plan.load_in_4bit,
+        name_or_path, dtype=getattr(torch, plan.compute), load_in_4bit=plan.load_in_4bit,
         max_seq_length=max_seq_length, full_finetuning=lora is None, use_gradient_checkpointing="unsloth")
     if lora is not None:
         cfg = lora_config(lora)
