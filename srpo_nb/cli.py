@@ -91,7 +91,7 @@ def serve(model: str = "tiny",          # a model folder or hub id ('tiny' = the
     "Serve a local VLM behind an OpenAI-compatible /v1/chat/completions endpoint."
     from srpo_nb.core import check_model_source
     from srpo_nb.models import resolve_model
-    from srpo_nb.reflection_data import serve as _serve
+    from srpo_nb.teacher import serve as _serve
     _serve(resolve_model(check_model_source(model)), host=host, port=port, device=device, max_new_tokens=max_new_tokens,
            max_prompt_tokens=max_prompt_tokens, model_name=model_name)
 

@@ -646,7 +646,7 @@ def parse_judge_reply(text: str) -> bool:
 
 @dataclass
 class LLMJudge:
-    "An LLM judge over an OpenAI-compatible endpoint (the teacher's client): `judge(item, completion)` -> True/False/None."
+    "An LLM judge over an OpenAI-compatible endpoint (04a's ChatClient): `judge(item, completion)` -> True/False/None."
     model: str                                   # the judge model's name on the endpoint
     base_url: str = "https://api.openai.com/v1"  # endpoint root
     api_key_env: str = "OPENAI_API_KEY"          # NAME of the environment variable holding the key
@@ -655,9 +655,9 @@ class LLMJudge:
     failed: int = field(default=0, init=False)
 
     def __post_init__(self):
-        from srpo_nb.reflection_data import OpenAITeacher
-        self.client = OpenAITeacher(model=self.model, base_url=self.base_url, api_key_env=self.api_key_env,
-                                    json_mode=True, timeout=self.timeout, max_retries=self.max_retries)
+        from srpo_nb.teacher import ChatClient
+        self.client = ChatClient(model=self.model, base_url=self.base_url, api_key_env=self.api_key_env, json_mode=True,
+                                 timeout=self.timeout, max_retries=self.max_retries, backoff_max=30.0)
 
     def check(self) -> "LLMJudge":
         "Fail now, not after the first batch, when a remote endpoint's key is missing."
@@ -665,17 +665,11 @@ class LLMJudge:
 
     def judge(self, item: EvalItem, completion: str) -> Optional[bool]:
         "The judge's verdict on `completion`, or None when it could not give one."
-        from srpo_nb.reflection_data import RetryableError, TeacherError, backoff_delay
-        messages = judge_messages(item, completion)
-        for attempt in range(self.max_retries + 1):
-            try: return parse_judge_reply(self.client.chat(messages))
-            except RetryableError as e:
-                if attempt == self.max_retries: break
-                time.sleep(backoff_delay(attempt, 1.0, 30.0, e.retry_after))
-            except (TeacherError, ValueError):
-                break
-        self.failed += 1
-        return None
+        from srpo_nb.teacher import TeacherError
+        try: return self.client.ask(judge_messages(item, completion), parse_judge_reply, label=item.id)[0]
+        except (TeacherError, ValueError):   # retries exhausted, a refused request, or a reply without a verdict
+            self.failed += 1
+            return None
 
 # %% ../nbs/09_eval.ipynb #aea3c4f8
 def parse_benchmarks(spec) -> list[tuple[str, Optional[str]]]:

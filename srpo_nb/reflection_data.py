@@ -5,47 +5,38 @@
 # %% ../nbs/05_reflection_data.ipynb #67e5ba68
 from __future__ import annotations
 
-import base64
 import contextlib
-import http.client
-import io
-import ipaddress
 import json
 import logging
 import os
 import random
-import select
-import socket
 import threading
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
+from typing import Any, ClassVar, Iterator, Optional, Sequence
 
 from .core import Config, check_choice, check_model_source, optional_import
 from .models import GENERATION_BACKENDS, VLLMGenerator, make_generator, resolve_model
 from .format import (COT_PROMPT, SFT_SYSTEM_PROMPT, _TAG_RE, make_messages, parse_completion, read_prompt,
                             render_sft_target)
+# the transport (04a_teacher), importable from here as before
+from .teacher import (AUTH_STATUS, RETRY_STATUS, ChatClient, ChatServer, ClientGone, PromptTooLong, RequestError,
+                             RetryableError, TeacherAuthError, TeacherError, backoff_delay, data_url_to_image,
+                             from_openai_messages, image_to_data_url, make_server, model_context, peer_closed, serve,
+                             to_openai_messages)
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['UNFORMATTED_ANSWER', 'REFLECTION_PROMPT', 'REASONING_REQUEST', 'REPLY_RULES', 'RETRY_STATUS', 'AUTH_STATUS',
-           'CHAT_ROUTES', 'GET_ROUTES', 'CHARS_PER_TOKEN_MAX', 'TEACHERS', 'JOURNAL_KEYS', 'policy_prompt',
-           'clean_block', 'split_response', 'grade_response', 'response_record', 'sample_responses', 'select_mix',
-           'ReflectionRequest', 'Reflection', 'image_to_data_url', 'data_url_to_image', 'reflection_messages',
-           'TeacherError', 'TeacherAuthError', 'RetryableError', 'parse_teacher_content', 'backoff_delay',
-           'OpenAITeacher', 'RequestError', 'from_openai_messages', 'to_openai_messages', 'ClientGone', 'peer_closed',
-           'PromptTooLong', 'model_context', 'ChatServer', 'make_server', 'serve', 'TemplateTeacher',
-           'second_think_text', 'sft_row', 'rows_to_dataset', 'sft_features', 'Journal', 'ReflectionDataConfig',
-           'answerable_problems', 'load_config_problems', 'make_teacher', 'reflection_request', 'summarize',
-           'format_summary', 'NoRowsError', 'build_reflection_data', 'load_sft_dataset', 'run_reflection_data']
+__all__ = ['UNFORMATTED_ANSWER', 'REFLECTION_PROMPT', 'REASONING_REQUEST', 'REPLY_RULES', 'TEACHERS', 'JOURNAL_KEYS',
+           'policy_prompt', 'clean_block', 'split_response', 'grade_response', 'response_record', 'sample_responses',
+           'select_mix', 'ReflectionRequest', 'Reflection', 'reflection_messages', 'parse_teacher_content',
+           'OpenAITeacher', 'TemplateTeacher', 'second_think_text', 'sft_row', 'rows_to_dataset', 'sft_features',
+           'Journal', 'ReflectionDataConfig', 'answerable_problems', 'load_config_problems', 'make_teacher',
+           'reflection_request', 'summarize', 'format_summary', 'NoRowsError', 'build_reflection_data',
+           'load_sft_dataset', 'run_reflection_data']
 
 # %% ../nbs/05_reflection_data.ipynb #33840093
 def policy_prompt(problem, system_prompt: Optional[str] = COT_PROMPT) -> dict:
@@ -168,21 +159,6 @@ REASONING_REQUEST = (
     "so the object is {\"reflection\": \"...\", \"reasoning\": \"...\"}."
 )
 
-def image_to_data_url(image, format: str = "PNG") -> str:
-    "A PIL image as a `data:image/...;base64,` URL."
-    buf = io.BytesIO()
-    image.save(buf, format=format)
-    return f"data:image/{format.lower()};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-def data_url_to_image(url: str):
-    "The PIL image inside a base64 `data:image/...` URL (other URLs are refused: nothing is fetched)."
-    from PIL import Image
-    if not isinstance(url, str) or not url.startswith("data:image/") or ";base64," not in url:
-        raise ValueError(f"only base64 data:image URLs are supported, got {str(url)[:40]!r}")
-    img = Image.open(io.BytesIO(base64.b64decode(url.split(";base64,", 1)[1], validate=True)))
-    img.load()
-    return img
-
 def reflection_messages(req: ReflectionRequest, want_reasoning: bool = False) -> list[dict]:
     "OpenAI chat messages for the teacher: the instructions, then the images and the four fields."
     body = (f"Problem:\n{req.question}\n\nReasoning of the first attempt:\n{req.cot}\n\n"
@@ -193,18 +169,6 @@ def reflection_messages(req: ReflectionRequest, want_reasoning: bool = False) ->
             {"role": "user", "content": content}]
 
 # %% ../nbs/05_reflection_data.ipynb #33cf67b1
-class TeacherError(RuntimeError):
-    "The teacher could not produce a reflection (a non-retryable error, or retries exhausted)."
-
-class TeacherAuthError(TeacherError):
-    "The endpoint refused the credentials (HTTP 401/403): never retried, and it stops the whole stage."
-
-class RetryableError(Exception):
-    "A failure worth retrying: rate limit, server error, timeout, dropped connection, malformed reply."
-    def __init__(self, reason: str, retry_after: Optional[float] = None):
-        super().__init__(reason)
-        self.reason, self.retry_after = reason, retry_after
-
 REPLY_RULES = ("json", "lenient")
 
 def _strip_fence(text: str) -> str:
@@ -238,427 +202,23 @@ def parse_teacher_content(content: Any, rule: str = "json", want_reasoning: bool
         raise RetryableError("malformed reply: content looks like broken JSON")
     return clean_block(text), None
 
-# %% ../nbs/05_reflection_data.ipynb #6ffd3e34
-RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-AUTH_STATUS = frozenset({401, 403})   # never retried: the stage stops
-
-def backoff_delay(attempt: int, base: float = 1.0, cap: float = 60.0, retry_after: Optional[float] = None,
-                  rng: Optional[random.Random] = None) -> float:
-    "Seconds to wait before retry `attempt` (0-based): uniform in [d/2, d], d = min(cap, base·2^attempt); Retry-After as a floor."
-    d = min(cap, base * 2 ** attempt)
-    delay = (rng or random).uniform(d / 2, d)
-    if retry_after is not None: delay = max(delay, min(float(retry_after), cap))
-    return delay
-
 # %% ../nbs/05_reflection_data.ipynb #febc9e33
-def _is_loopback(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    if host == "localhost": return True
-    try: return ipaddress.ip_address(host).is_loopback
-    except ValueError: return False
-
 @dataclass
-class OpenAITeacher:
-    "A teacher behind any OpenAI-compatible /chat/completions endpoint, with retries, backoff and a concurrency limit."
-    model: str = "o4-mini"                          # the teacher model's name on that endpoint
-    base_url: str = "https://api.openai.com/v1"     # endpoint root; `/chat/completions` is appended
-    api_key_env: Optional[str] = "OPENAI_API_KEY"   # NAME of the environment variable holding the key (never the key)
+class OpenAITeacher(ChatClient):
+    "A teacher behind any OpenAI-compatible /chat/completions endpoint: ChatClient plus the reflection prompt and reply rule."
+    model: str = "o4-mini"                          # the teacher model's name on that endpoint (the paper's)
     reply_rule: str = "json"                        # how to read the reply: 'json' (strict) or 'lenient' (see above)
-    json_mode: bool = True                          # send response_format={"type": "json_object"}
     want_reasoning: bool = False                    # also ask for a revised reasoning (second-<think> variant)
-    temperature: Optional[float] = None             # sampling temperature; None sends none (o-series models)
-    max_tokens: Optional[int] = None                # sent as max_completion_tokens; None sends none
-    timeout: float = 120.0                          # seconds per HTTP attempt
-    max_retries: int = 6                            # retries after the first attempt
-    backoff_base: float = 1.0                       # seconds; first backoff is drawn from [base/2, base]
-    backoff_max: float = 60.0                       # seconds; cap on any single wait
-    max_concurrency: int = 8                        # requests in flight at once
-    extra_body: dict = field(default_factory=dict)  # more request fields (e.g. reasoning_effort)
-    name: str = field(default="", init=False)
-    retries: int = field(default=0, init=False, repr=False)
-    requests: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         check_choice("reply_rule", self.reply_rule, REPLY_RULES)
-        if self.max_concurrency < 1: raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
-        if self.max_retries < 0: raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        self.name = f"openai-compatible:{self.model}"
-        self._slots = threading.BoundedSemaphore(self.max_concurrency)
-        self._lock = threading.Lock()
-        no_proxy = urllib.request.ProxyHandler({}) if _is_loopback(self.base_url) else urllib.request.ProxyHandler()
-        self._opener = urllib.request.build_opener(no_proxy)
-
-    def check(self) -> None:
-        "Fail now (not after N requests) when the key a remote endpoint needs is missing."
-        self._key()
-
-    def _key(self) -> Optional[str]:
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        if not key and not _is_loopback(self.base_url):
-            raise TeacherError(f"no API key: set the environment variable {self.api_key_env or '(api_key_env is empty)'} "
-                               f"for {self.base_url}")
-        return key or None
-
-    def _scrub(self, text: str) -> str:
-        "`text` with the API key replaced by [REDACTED] — always before any cut to length, so no part of it survives."
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
-        return text.replace(key, "[REDACTED]") if key and len(key) >= 4 else text
-
-    def payload(self, messages: list[dict]) -> dict:
-        "The request body for `messages`."
-        body = {"model": self.model, "messages": messages}
-        if self.json_mode: body["response_format"] = {"type": "json_object"}
-        if self.temperature is not None: body["temperature"] = self.temperature
-        if self.max_tokens is not None: body["max_completion_tokens"] = self.max_tokens
-        return {**body, **self.extra_body}
-
-    def chat(self, messages: list[dict]) -> str:
-        "One attempt: POST the messages, return the reply's message content; RetryableError or TeacherError on failure."
-        key = self._key()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if key: headers["Authorization"] = f"Bearer {key}"
-        url = self.base_url.rstrip("/") + "/chat/completions"
-        req = urllib.request.Request(url, data=json.dumps(self.payload(messages)).encode(), headers=headers, method="POST")
-        with self._slots:
-            with self._lock: self.requests += 1
-            try:
-                with self._opener.open(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:
-                try: snippet = self._scrub(e.read(1 << 16).decode("utf-8", "replace"))[:300] if e.fp else ""
-                except (OSError, http.client.HTTPException): snippet = ""
-                if e.code in RETRY_STATUS:
-                    ra = e.headers.get("Retry-After") if e.headers else None
-                    try: ra = float(ra) if ra is not None else None
-                    except ValueError: ra = None
-                    raise RetryableError(f"HTTP {e.code}", retry_after=ra) from None
-                kind = TeacherAuthError if e.code in AUTH_STATUS else TeacherError
-                raise kind(self._scrub(f"HTTP {e.code} from {url}: {snippet}")) from None
-            except (TimeoutError, socket.timeout) as e:
-                raise RetryableError(f"timeout after {self.timeout}s") from None
-            except urllib.error.URLError as e:
-                kind = "timeout" if isinstance(e.reason, (TimeoutError, socket.timeout)) else "connection error"
-                raise RetryableError(f"{kind}: {self._scrub(str(e.reason))[:120]}") from None
-            except (http.client.HTTPException, ConnectionError, OSError) as e:
-                raise RetryableError(f"connection dropped: {type(e).__name__}") from None
-        try:
-            body = json.loads(raw)
-            content = body["choices"][0]["message"]["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise RetryableError(f"malformed response body: {self._scrub(raw[:1 << 16].decode('utf-8', 'replace'))[:80]!r}") from None
-        return content
+        super().__post_init__()
 
     def reflect(self, req: ReflectionRequest) -> Reflection:
-        "A reflection for `req`, retrying transient failures with backoff; TeacherError when it cannot."
-        messages = reflection_messages(req, self.want_reasoning)
-        for attempt in range(self.max_retries + 1):
-            try:
-                text, reasoning = parse_teacher_content(self.chat(messages), self.reply_rule, self.want_reasoning)
-                return Reflection(text, reasoning, attempts=attempt + 1)
-            except RetryableError as e:
-                if attempt == self.max_retries:
-                    raise TeacherError(self._scrub(f"{req.id}: gave up after {attempt + 1} attempts; last error: {e.reason}")) from None
-                delay = backoff_delay(attempt, self.backoff_base, self.backoff_max, e.retry_after)
-                with self._lock: self.retries += 1
-                _log.warning("teacher retry %d/%d for %s: %s; waiting %.2fs", attempt + 1, self.max_retries, req.id,
-                            self._scrub(e.reason), delay)
-                time.sleep(delay)
-
-# %% ../nbs/05_reflection_data.ipynb #41baa599
-class RequestError(ValueError):
-    "A client error in a chat request (answered with HTTP 400)."
-
-def from_openai_messages(messages: Any) -> tuple[list[dict], list]:
-    "OpenAI chat messages → (HF-style messages with {'type': 'image'} slots, the decoded PIL images in order)."
-    if not isinstance(messages, list) or not messages: raise RequestError("'messages' must be a non-empty list")
-    out, images = [], []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict): raise RequestError(f"messages[{i}] is not an object")
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "developer", "user", "assistant"): raise RequestError(f"messages[{i}]: unknown role {role!r}")
-        role = "system" if role == "developer" else role
-        if isinstance(content, str): parts = [{"type": "text", "text": content}]
-        elif isinstance(content, list):
-            parts = []
-            for j, c in enumerate(content):
-                kind = c.get("type") if isinstance(c, dict) else None
-                if kind == "text": parts.append({"type": "text", "text": str(c.get("text", ""))})
-                elif kind == "image_url":
-                    u = c.get("image_url")
-                    try: images.append(data_url_to_image(u.get("url") if isinstance(u, dict) else u))
-                    except Exception as e: raise RequestError(f"messages[{i}].content[{j}]: {e}") from None
-                    parts.append({"type": "image"})
-                else: raise RequestError(f"messages[{i}].content[{j}]: unsupported part type {kind!r}")
-        else: raise RequestError(f"messages[{i}]: content must be a string or a list")
-        out.append({"role": role, "content": parts})
-    return out, images
-
-def to_openai_messages(messages: list[dict], images: Sequence = ()) -> list[dict]:
-    "HF-style messages with {'type': 'image'} slots + images → OpenAI messages with base64 image_url parts."
-    images, k, out = list(images), 0, []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, str): out.append({"role": m["role"], "content": content}); continue
-        parts = []
-        for c in content:
-            if c.get("type") == "image":
-                if k >= len(images): raise ValueError(f"messages have more image slots than the {len(images)} images given")
-                parts.append({"type": "image_url", "image_url": {"url": image_to_data_url(images[k])}}); k += 1
-            else: parts.append({"type": "text", "text": c["text"]})
-        out.append({"role": m["role"], "content": parts})
-    if k != len(images): raise ValueError(f"{len(images)} images given but the messages have {k} image slots")
-    return out
-
-# %% ../nbs/05_reflection_data.ipynb #2868126c
-class ClientGone(Exception):
-    "The client of a request closed its connection: the generation for it is stopped."
-
-def peer_closed(sock) -> bool:
-    "True when the other end of `sock` has closed it (readable, and a peek reads nothing)."
-    try:
-        poller = select.poll()   # poll, not select: no limit on the descriptor's number
-        poller.register(sock, select.POLLIN | select.POLLHUP | select.POLLERR)
-        if not poller.poll(0): return False
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError: return False
-    except (OSError, ValueError): return True
-
-CHAT_ROUTES = ("/v1/chat/completions", "/chat/completions")
-GET_ROUTES = ("/v1/models", "/models", "/health")
-
-class _ChatHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "srpo-serve"
-
-    def setup(self):
-        self.timeout = self.server.socket_timeout   # a stalled client (or a lying Content-Length) frees the thread
-        super().setup()
-
-    def log_message(self, fmt, *args): _log.debug("serve: " + fmt, *args)   # the request line only; never headers
-
-    def _send(self, code: int, obj: dict, headers: Sequence = ()):
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        for k, v in headers: self.send_header(k, v)
-        if self.close_connection: self.send_header("Connection", "close")
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _error(self, code: int, message: str, kind: str = "invalid_request_error", code_name: Optional[str] = None,
-               headers: Sequence = ()):
-        self._send(code, {"error": {"message": message, "type": kind, "code": code_name}}, headers)
-
-    def _route(self) -> str: return self.path.split("?")[0].rstrip("/")
-
-    def _wrong_method(self):
-        path = self._route()
-        allow = "POST" if path in CHAT_ROUTES else "GET" if path in GET_ROUTES else None
-        if allow is None: return self._error(404, f"no route {path}")
-        self._error(405, f"{self.command} is not allowed on {path}; use {allow}", headers=[("Allow", allow)])
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = do_TRACE = do_CONNECT = _wrong_method
-
-    def do_GET(self):
-        path = self._route()
-        if path in CHAT_ROUTES: return self._wrong_method()
-        if path in ("/v1/models", "/models"):
-            self._send(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model", "owned_by": "srpo_nb"}]})
-        elif path == "/health": self._send(200, {"status": "ok"})
-        else: self._error(404, f"no route {path}")
-
-    def _body(self) -> Optional[bytes]:
-        "The request body, or None after answering the client's mistake (the connection is then closed)."
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            self.close_connection = True
-            return self._error(411, "chunked bodies are not supported: send a Content-Length")
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            self.close_connection = True
-            return self._error(411, "a Content-Length header is required")
-        try: n = int(raw)
-        except ValueError: n = -1
-        if n < 0:
-            self.close_connection = True
-            return self._error(400, f"bad Content-Length {raw[:20]!r}")
-        if n > self.server.max_body_bytes:
-            self.close_connection = True   # the body is not read: the connection cannot be reused
-            return self._error(413, f"request body of {n} bytes is over the limit of {self.server.max_body_bytes}")
-        try: data = self.rfile.read(n)
-        except (TimeoutError, socket.timeout):
-            data = b""
-        if len(data) < n:   # the client sent less than it announced, then stalled or left
-            self.close_connection = True
-            return self._error(408, f"the body ended after {len(data)} of {n} bytes (timeout {self.server.socket_timeout}s)")
-        return data
-
-    def do_POST(self):
-        path = self._route()
-        if path in GET_ROUTES: return self._wrong_method()
-        if path not in CHAT_ROUTES: return self._error(404, f"no route {path}")
-        data = self._body()
-        if data is None: return
-        try:
-            req = json.loads(data.decode("utf-8")) if data else None
-            reply = self.server.complete(req, client_gone=lambda: peer_closed(self.connection))
-        except ClientGone as e:
-            self.close_connection = True
-            _log.info("serve: %s", e)
-            return
-        except PromptTooLong as e:
-            return self._error(e.status, str(e), code_name="context_length_exceeded")
-        except (RequestError, json.JSONDecodeError, UnicodeDecodeError) as e:
-            return self._error(400, f"{'invalid JSON body: ' if not isinstance(e, RequestError) else ''}{e}")
-        except Exception as e:   # a bug or a model failure: say so, keep serving
-            _log.exception("serve: generation failed")
-            return self._error(500, f"{type(e).__name__}: {e}", "server_error")
-        self._send(200, reply)
-
-class PromptTooLong(RequestError):
-    "A prompt over the server's token limit (answered before any generation)."
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message); self.status = status
-
-CHARS_PER_TOKEN_MAX = 16   # a prompt with more characters than this × the token limit is refused before tokenizing
-
-def model_context(backend) -> Optional[int]:
-    "The context length (max position embeddings) of a generation backend's model, if it says."
-    if getattr(backend, "max_model_len", None): return int(backend.max_model_len)
-    cfg = getattr(getattr(backend, "model", None), "config", None)
-    for c in (getattr(cfg, "text_config", None), cfg):
-        n = getattr(c, "max_position_embeddings", None)
-        if isinstance(n, int) and n > 0: return n
-    return None
-
-def _stop_hook(model, client_gone: Callable[[], bool]):
-    "A forward pre-hook on `model` that raises ClientGone when the client has left; returns the handle (or None)."
-    if client_gone is None or not hasattr(model, "register_forward_pre_hook"): return None
-    steps = [0]
-    def hook(module, args):
-        steps[0] += 1
-        if client_gone(): raise ClientGone(f"client closed the connection: generation stopped after {steps[0]} forward passes")
-    return model.register_forward_pre_hook(hook)
-
-class ChatServer(ThreadingHTTPServer):
-    "An OpenAI-compatible /v1/chat/completions server over a generation backend (see `make_server`)."
-    daemon_threads = True
-
-    def __init__(self, backend, model_name: str, host: str = "127.0.0.1", port: int = 0, max_new_tokens: int = 512,
-                 max_body_bytes: int = 64 * 2**20, max_prompt_tokens: Optional[int] = None, socket_timeout: float = 30.0):
-        super().__init__((host, port), _ChatHandler)
-        self.backend, self.model_name, self.max_new_tokens, self.max_body_bytes = backend, model_name, max_new_tokens, max_body_bytes
-        self.max_prompt_tokens = max_prompt_tokens or model_context(backend) or 32768
-        self.socket_timeout = socket_timeout
-        self.gen_lock = threading.Lock()
-        self.served = 0
-        self._thread = None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}/v1"
-
-    def _processor(self):
-        return getattr(self.backend, "processor", None) or getattr(self.backend, "_processor", None)
-
-    def _tokens(self, text: str) -> int:
-        tok = getattr(self._processor(), "tokenizer", None)
-        return len(tok(text)["input_ids"]) if tok is not None else len(text.split())
-
-    def prompt_tokens(self, messages: list[dict], images: list) -> int:
-        "Tokens of the prompt as the model sees it (chat template + image tokens); 400/413 when over the limit."
-        limit = self.max_prompt_tokens
-        chars = sum(len(c.get("text", "")) for m in messages for c in m["content"])
-        if chars > limit * CHARS_PER_TOKEN_MAX:
-            raise PromptTooLong(f"prompt of {chars} characters is over the limit of {limit} tokens", status=413)
-        proc = self._processor()
-        if proc is None: return 0
-        try:
-            text = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            n = int(proc(text=[text], images=images or None, return_tensors="pt")["input_ids"].shape[1])
-        except Exception as e:   # the request's own content cannot be made into a prompt
-            raise RequestError(f"cannot build a prompt from these messages: {type(e).__name__}: {e}") from None
-        if n > limit: raise PromptTooLong(f"prompt of {n} tokens is over the limit of {limit} tokens")
-        return n
-
-    def complete(self, req: Any, client_gone: Optional[Callable[[], bool]] = None) -> dict:
-        "The OpenAI chat-completion reply to one request body (generation stops if `client_gone()` turns true)."
-        if not isinstance(req, dict): raise RequestError("the request body must be a JSON object")
-        if req.get("stream"): raise RequestError("stream=true is not supported")
-        messages, images = from_openai_messages(req.get("messages"))
-        def number(key, default, kind, lo, hi):
-            v = req.get(key)
-            if v is None: return default
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v) or not lo <= v <= hi:
-                raise RequestError(f"{key} must be a {kind.__name__} in [{lo}, {hi}], got {v!r}")
-            return kind(v)
-        asked = number("max_completion_tokens", None, int, 1, 1 << 20) or number("max_tokens", None, int, 1, 1 << 20)
-        max_tokens = min(asked or self.max_new_tokens, self.max_new_tokens)   # the server's limit is a cap
-        temperature = number("temperature", 1.0, float, 0, 2)
-        top_p = number("top_p", 1.0, float, 0, 1)
-        n = number("n", 1, int, 1, 16)
-        seed = number("seed", None, int, -2**63, 2**63 - 1)
-        with self.gen_lock:   # one generation at a time; the processor is not shared across threads
-            if client_gone is not None and client_gone(): raise ClientGone("client left while waiting for its turn")
-            n_prompt = self.prompt_tokens(messages, images)   # before generating: an over-long prompt never runs
-            hook = _stop_hook(getattr(self.backend, "model", None), client_gone)
-            try:
-                outs = self.backend.generate([{"messages": messages, "images": images}], n=n, max_new_tokens=max_tokens,
-                                             temperature=temperature, top_p=top_p, seed=seed)[0]
-            finally:
-                if hook is not None: hook.remove()
-            self.served += 1
-        used = [self._tokens(o) for o in outs]
-        return {"id": f"chatcmpl-srpo-{self.served}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": o},
-                             "finish_reason": "length" if u >= max_tokens else "stop"} for i, (o, u) in enumerate(zip(outs, used))],
-                "usage": {"prompt_tokens": n_prompt, "completion_tokens": sum(used), "total_tokens": n_prompt + sum(used)}}
-
-    def start(self) -> "ChatServer":
-        "Serve from a background thread; returns self."
-        self._thread = threading.Thread(target=self.serve_forever, name="srpo-serve", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self):
-        "Stop serving and close the socket."
-        self.shutdown(); self.server_close()
-
-    def __enter__(self): return self.start()
-    def __exit__(self, *exc): self.stop()
-
-
-# %% ../nbs/05_reflection_data.ipynb #0a606220
-def make_server(model: Any, host: str = "127.0.0.1", port: int = 0, device: Any = "auto", max_new_tokens: int = 512,
-                model_name: Optional[str] = None, max_prompt_tokens: Optional[int] = None,
-                socket_timeout: float = 30.0) -> ChatServer:
-    "A ChatServer for `model` (a folder or hub id, loaded with load_policy; or a generation backend); port 0 picks a free one."
-    if isinstance(model, (str, os.PathLike)):
-        backend = make_generator("hf", str(model), device=device, batch_size=1)
-        name = model_name or Path(str(model)).name
-    elif (hasattr(model, "generate") and hasattr(model, "processor")) or isinstance(model, VLLMGenerator):
-        backend, name = model, model_name or type(model).__name__
-    else:
-        raise TypeError("model must be a folder / hub id or a generation backend (HFGenerator, VLLMGenerator)")
-    for k, v in (("max_new_tokens", max_new_tokens), ("max_prompt_tokens", max_prompt_tokens)):
-        if v is not None and v < 1: raise ValueError(f"{k} must be >= 1, got {v}")
-    return ChatServer(backend, name, host, port, max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                      socket_timeout=socket_timeout)
-
-def serve(model: Any, host: str = "127.0.0.1", port: int = 0, device: Any = "auto", max_new_tokens: int = 512,
-          model_name: Optional[str] = None, max_prompt_tokens: Optional[int] = None, socket_timeout: float = 30.0) -> None:
-    "Serve `model` at http://host:port/v1 (OpenAI chat completions) until interrupted; prints the URL when ready."
-    server = make_server(model, host, port, device, max_new_tokens, model_name, max_prompt_tokens, socket_timeout)
-    print(f"srpo serve: {server.model_name} at {server.url} (prompts up to {server.max_prompt_tokens} tokens, "
-          f"replies up to {server.max_new_tokens})", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-
+        "A reflection for `req`, retrying transient failures and malformed replies with backoff; TeacherError when it cannot."
+        parse = lambda content: parse_teacher_content(content, self.reply_rule, self.want_reasoning)
+        (text, reasoning), attempts = self.ask(reflection_messages(req, self.want_reasoning), parse, label=req.id)
+        return Reflection(text, reasoning, attempts=attempts)
 
 # %% ../nbs/05_reflection_data.ipynb #1607c32b
 @dataclass
@@ -904,14 +464,18 @@ def reflection_request(problem, response: dict) -> ReflectionRequest:
 
 @contextlib.contextmanager
 def _log_to(path: Path):
+    "Copy the stage's log (and its teacher client's retries, logged by srpo_nb.teacher) to `path` while in the block."
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    old = _log.level
-    if _log.getEffectiveLevel() > logging.INFO: _log.setLevel(logging.INFO)
-    _log.addHandler(handler)
+    loggers = [_log, logging.getLogger("srpo_nb.teacher")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        if lg.getEffectiveLevel() > logging.INFO: lg.setLevel(logging.INFO)
+        lg.addHandler(handler)
     try: yield
     finally:
-        _log.removeHandler(handler); handler.close(); _log.setLevel(old)
+        for lg, lv in zip(loggers, levels): lg.removeHandler(handler); lg.setLevel(lv)
+        handler.close()
 
 # %% ../nbs/05_reflection_data.ipynb #ec9056f5
 def _responses_stage(cfg, problems, journal, generator):
