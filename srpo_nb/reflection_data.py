@@ -245,7 +245,7 @@ class TemplateTeacher:
                     f"them, and carry the corrected values through to {req.gold}.")
         else:
             text = (f"The first solution did not finish with a usable final answer. It should complete its reasoning "
-                    f"and state the result in \\boxed{{}}; the correct answer is {req.gold}.")
+                    f"and state the result in its answer block; the correct answer is {req.gold}.")
         reasoning = f"Rechecking the figure and each step as the reflection says gives {req.gold}." if self.want_reasoning else None
         return Reflection(text, reasoning, attempts=1)
 
