@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field

@@ -156,7 +156,7 @@ class ChatClient:
                     raise RetryableError(f"HTTP {e.code}", retry_after=ra) from None
                 kind = TeacherAuthError if e.code in AUTH_STATUS else TeacherError
                 raise kind(self._scrub(f"HTTP {e.code} from {url}: {snippet}")) from None
-            except (TimeoutError, socket.timeout) as e:
+            except (TimeoutError, socket.timeout):
                 raise RetryableError(f"timeout after {self.timeout}s") from None
             except urllib.error.URLError as e:
                 kind = "timeout" if isinstance(e.reason, (TimeoutError, socket.timeout)) else "connection error"
