@@ -63,7 +63,8 @@ def test_smoke_report_fields(smoke):
         st = run["per_step"][1]
         close_(m["wall_s"], st["wall_s"], eps=1e-3)
         eq_(m["tokens"], st["prompt_tokens"] + st["completion_tokens"])
-        close_(m["tokens_per_s"], m["tokens"] / m["wall_s"], eps=0.5)
+        # wall_s is stored rounded to 0.1 ms: on a fast step the ratio carries a relative error up to 5e-5 / wall_s
+        close_(m["tokens_per_s"], m["tokens"] / m["wall_s"], eps=0.5 + 1e-3 * m["tokens_per_s"])
         assert 0 < m["mfu"] < 1 and 0 < m["mfu_generation"] < 1 and 0 < m["mfu_forward_backward"] < 1, m
         N = run["lm_matmul_params"]  # the MFU formula, recomputed from the report's own fields
         close_(m["mfu"], 8 * N * m["tokens"] / (m["wall_s"] * 1e12), eps=0.02 * m["mfu"])
