@@ -10,7 +10,6 @@ import sys
 import textwrap
 import types
 from contextlib import contextmanager
-from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -22,6 +21,7 @@ from srpo_nb import sft as sft_mod
 from srpo_nb.grpo import GRPOTrainConfig, train_grpo, trl_args as grpo_args, vllm_args
 from srpo_nb.models import VLLMGenerator, build_tiny_qwen25vl, load_policy, precision_plan, process_device
 from srpo_nb.sft import SFTConfig, build_sft_trainer
+from grpo_helpers import share_of_e
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +118,6 @@ def test_sft_step_at_paper_lr_changes_the_weights(tiny, tmp_path):
     after = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     share, n = _changed_share(before, after, grads)
     assert n > 100_000 and share >= 0.99, (share, n)
-
-
-def share_of_e(completions, **kwargs):
-    return [c[0]["content"].count("e") / max(len(c[0]["content"]), 1) for c in completions]
 
 
 def test_grpo_step_at_paper_lr_changes_the_weights(tiny, tmp_path):

@@ -15,6 +15,7 @@ import torch
 from srpo_nb.format import make_messages
 from srpo_nb.grpo import LOSS_TYPES, srpo_trainer_class, take_rows
 from srpo_nb.models import build_tiny_qwen25vl, load_policy, vision_token_ids
+from grpo_helpers import image, share_of_e  # noqa: F401 (grpo_drop_ddp_script imports them from here)
 
 HERE = Path(__file__).parent
 G, QS = 4, ["How tall is the bar?", "What colour is the bar?", "Is the bar wide?"]
@@ -23,17 +24,6 @@ G, QS = 4, ["How tall is the bar?", "What colour is the bar?", "Is the bar wide?
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return build_tiny_qwen25vl(tmp_path_factory.mktemp("grpo_drop") / "tiny")
-
-
-def image(i):
-    from PIL import Image, ImageDraw
-    im = Image.new("RGB", (56 + 28 * (i % 2), 56 + 14 * (i % 3)), "white")   # different sizes → different patch counts
-    ImageDraw.Draw(im).rectangle([4, 10 + 3 * i, 30, 50], fill=("red", "green", "blue")[i % 3])
-    return im
-
-
-def share_of_e(completions, **kwargs):
-    return [c[0]["content"].count("e") / max(len(c[0]["content"]), 1) for c in completions]
 
 
 def make_trainer(path, out, steps, easy, world=1, **overrides):

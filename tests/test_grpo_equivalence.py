@@ -10,6 +10,7 @@ from srpo_nb.format import make_messages
 from srpo_nb.grpo_core import (LOSS_TYPES, TRL_STD_EPS, aggregate_loss, clipped_surrogate, group_advantages,
                                grpo_loss, rollout_logprobs)
 from srpo_nb.models import build_tiny_qwen25vl, load_policy, vision_token_ids
+from grpo_helpers import image as _image, share_of_e
 
 MAX_LEN, G = 16, 4
 
@@ -17,17 +18,6 @@ MAX_LEN, G = 16, 4
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return build_tiny_qwen25vl(tmp_path_factory.mktemp("grpo_eq") / "tiny")
-
-
-def _image(i):
-    from PIL import Image, ImageDraw
-    im = Image.new("RGB", (56 + 28 * (i % 2), 56 + 14 * (i % 3)), "white")  # different sizes → different patch counts
-    ImageDraw.Draw(im).rectangle([4, 10 + 3 * i, 30, 50], fill=("red", "green", "blue")[i % 3])
-    return im
-
-
-def share_of_e(completions, **kwargs):
-    return [c[0]["content"].count("e") / max(len(c[0]["content"]), 1) for c in completions]
 
 
 def short_and_done(completions, **kwargs):
